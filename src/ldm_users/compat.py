@@ -1,0 +1,97 @@
+"""VAE / denoiser / user-encoder / dataset compatibility check (the notes' check_vae_ldm_compatibility.py).
+
+Runs at the start of every entry point, before anything heavy is built, and on demand in `ldm-diagnose`.
+Each problem is one line naming the keys, their values and the override that fixes it.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_users.errors import ConfigError
+
+
+def _get(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def check_compatibility(cfg: DictConfig, dataset_num_users: int | None = None) -> list[str]:
+    problems: list[str] = []
+    vae = cfg.vae.autoencoder
+    den = cfg.model.denoiser
+    kind = cfg.model.kind
+    resolution = int(cfg.data.resolution)
+
+    latent_channels = int(vae.latent_channels)
+    for key in ("in_channels", "out_channels"):
+        value = den.get(key)
+        if value is not None and int(value) != latent_channels:
+            problems.append(f"model.denoiser.{key}={value} but vae.autoencoder.latent_channels={latent_channels}: "
+                            f"set model.denoiser.{key}={latent_channels} (or remove the override: it is derived).")
+
+    n_down = len(vae.down_block_types)
+    factor = 2 ** (n_down - 1)
+    if resolution % factor:
+        problems.append(f"data.resolution={resolution} is not divisible by the VAE's downsampling factor {factor} "
+                        f"({n_down} down blocks): use data.resolution={max(factor, resolution // factor * factor)}.")
+    latent_size = resolution // factor
+    if int(den.sample_size) != latent_size:
+        problems.append(f"model.denoiser.sample_size={den.sample_size} but the latents are {latent_size}x{latent_size} "
+                        f"(data.resolution={resolution} / 2^({n_down}-1)): set model.denoiser.sample_size={latent_size}.")
+    if len(vae.up_block_types) != n_down or len(vae.block_out_channels) != n_down:
+        problems.append(f"vae.autoencoder has {n_down} down blocks, {len(vae.up_block_types)} up blocks and "
+                        f"{len(vae.block_out_channels)} block_out_channels: give all three the same length.")
+    vae_groups = int(vae.get("norm_num_groups", 32))
+    for ch in vae.block_out_channels:
+        if int(ch) % vae_groups:
+            problems.append(f"vae.autoencoder.block_out_channels has {ch}, not divisible by "
+                            f"vae.autoencoder.norm_num_groups={vae_groups}: pick channels that are multiples of it.")
+
+    if kind == "unet":
+        cond = cfg.model.condition
+        channels = [int(c) for c in den.block_out_channels]
+        if len(den.down_block_types) != len(channels) or len(den.up_block_types) != len(channels):
+            problems.append(f"model.denoiser has {len(channels)} block_out_channels but {len(den.down_block_types)} "
+                            f"down and {len(den.up_block_types)} up block types: give them the same length.")
+        if int(den.cross_attention_dim) != int(cond.embed_dim):
+            problems.append(f"model.denoiser.cross_attention_dim={den.cross_attention_dim} but "
+                            f"model.condition.embed_dim={cond.embed_dim}: set both from model.embed_dim "
+                            f"(e.g. model.embed_dim={den.cross_attention_dim}).")
+        heads = den.get("attention_head_dim", 8)  # diffusers' UNet uses this value as the number of heads
+        head_list = list(heads) if not isinstance(heads, int) else [heads] * len(channels)
+        for ch, h, block in zip(channels, head_list, den.down_block_types):
+            if "CrossAttn" in block and int(ch) % int(h):
+                problems.append(f"model.denoiser.attention_head_dim={h} (attention heads) does not divide the "
+                                f"{ch} channels of a {block}: use a divisor of {ch}, e.g. model.denoiser."
+                                f"attention_head_dim=8.")
+        groups = int(den.get("norm_num_groups", 32))
+        for ch in channels:
+            if ch % groups:
+                problems.append(f"model.denoiser.block_out_channels has {ch}, not divisible by "
+                                f"model.denoiser.norm_num_groups={groups}.")
+        model_users = cond.num_users
+        users_key = "model.condition.num_users"
+    elif kind == "dit":
+        patch = int(den.patch_size)
+        if int(den.sample_size) % patch:
+            problems.append(f"model.denoiser.patch_size={patch} does not divide the latent size {den.sample_size}: "
+                            f"use a divisor, e.g. model.denoiser.patch_size=2.")
+        model_users = den.num_embeds_ada_norm
+        users_key = "model.denoiser.num_embeds_ada_norm"
+    else:
+        problems.append(f"model.kind={kind} is unknown: use unet or dit.")
+        model_users = None
+        users_key = ""
+
+    if dataset_num_users is not None and model_users is not None and int(model_users) != dataset_num_users:
+        problems.append(f"{users_key}={model_users} (data.num_users) but the dataset at {cfg.data.root} has "
+                        f"{dataset_num_users} users: set data.num_users={dataset_num_users} or leave it null.")
+    if model_users is None and kind in ("unet", "dit") and dataset_num_users is None:
+        problems.append(f"{users_key} is not set and there is no dataset to count users from: set data.num_users.")
+    return problems
+
+
+def assert_compatible(cfg: DictConfig, dataset_num_users: int | None = None) -> None:
+    problems = check_compatibility(cfg, dataset_num_users)
+    if problems:
+        raise ConfigError("the configuration is not consistent:\n  - " + "\n  - ".join(problems))

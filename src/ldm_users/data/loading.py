@@ -1,0 +1,33 @@
+"""From the data config to a prepared dataset, with the user count bound into the config."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig, open_dict
+
+from ldm_users.data.folder import PreparedDataset, prepare_folder
+from ldm_users.data.synthetic import generate
+from ldm_users.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def prepare_dataset(cfg: DictConfig, show_progress: bool = True) -> PreparedDataset:
+    data = cfg.data
+    if data.name == "synthetic":
+        if not data.num_users or int(data.num_users) < 1:
+            raise ConfigError(f"data.num_users={data.num_users}: the synthetic dataset needs at least one user.")
+        generate(data.root, int(data.num_users), int(data.images_per_user), int(data.resolution),
+                 int(data.generator_seed))
+    elif data.get("data_dir") in (None, "???"):
+        raise ConfigError("data=folder needs data.data_dir=/path/to/images (one subfolder per user).")
+    return prepare_folder(data.root, cfg.paths.cache_dir, int(data.resolution), bool(data.center_crop),
+                          strict=bool(data.strict), show_progress=show_progress)
+
+
+def bind_num_users(cfg: DictConfig, num_users: int) -> None:
+    """Fill data.num_users from the dataset when the config leaves it open (folder datasets)."""
+    if cfg.data.get("num_users") is None:
+        with open_dict(cfg):
+            cfg.data.num_users = num_users

@@ -1,0 +1,1 @@
+"""Models: the user condition encoder, the denoiser wrapper and their construction from config."""

@@ -1,0 +1,105 @@
+"""ldm-train: stage=vae|ldm|all on the composed config. Hydra's output dir is the run dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ldm_users.compat import assert_compatible
+from ldm_users.config import config_dir
+from ldm_users.data.loading import bind_num_users, prepare_dataset
+from ldm_users.errors import ConfigError, exit_on_user_error
+from ldm_users.tracking import make_tracker
+from ldm_users.training.common import make_accelerator
+
+log = logging.getLogger("ldm_users.train")
+logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise in the console
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called outside a Hydra app (tests, notebooks)
+        return Path(cfg.get("run_dir") or "outputs/runs/default")
+
+
+def check_vae_matches(vae_dir: Path, cfg: DictConfig) -> None:
+    config_file = Path(vae_dir) / "config.json"
+    if not config_file.exists():
+        raise ConfigError(f"vae_path={vae_dir} has no config.json: point it at a VAE saved with save_pretrained "
+                          f"(e.g. <run_dir>/vae/final).")
+    saved = json.loads(config_file.read_text())
+    want = cfg.vae.autoencoder
+    if saved.get("latent_channels") != int(want.latent_channels) or \
+            len(saved.get("block_out_channels", [])) != len(want.block_out_channels):
+        raise ConfigError(f"vae_path={vae_dir} has latent_channels={saved.get('latent_channels')} and "
+                          f"{len(saved.get('block_out_channels', []))} blocks, but vae={cfg.vae.name} has "
+                          f"{want.latent_channels} and {len(want.block_out_channels)}: choose the vae config it was "
+                          f"trained with (e.g. vae={saved.get('_ldm_users_vae_name', 'kl_128')}).")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train the stages asked for; returns where the results are."""
+    stage = str(cfg.stage)
+    if stage not in ("vae", "ldm", "all"):
+        raise ConfigError(f"stage={stage}: use stage=vae, stage=ldm or stage=all.")
+    if cfg.data.get("num_users") is not None:
+        assert_compatible(cfg)  # cheap, before the dataset is decoded or a model is built
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    accelerator = make_accelerator(cfg)
+    dataset = prepare_dataset(cfg, show_progress=accelerator.is_main_process)
+    bind_num_users(cfg, dataset.num_users)
+    assert_compatible(cfg, dataset.num_users)
+    log.info("dataset %s: %d images of %d users (%d files skipped)", cfg.data.root, len(dataset),
+             dataset.num_users, len(dataset.skipped))
+
+    result: dict = {"run_dir": str(run_dir)}
+    from ldm_users.training.ldm_stage import train_ldm
+    from ldm_users.training.vae_stage import train_vae
+
+    vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else run_dir / "vae" / "final"
+    if stage in ("vae", "all") and not cfg.get("vae_path"):
+        if (vae_dir / "config.json").exists() and stage == "all":
+            log.info("VAE: using the finished VAE in %s", vae_dir)
+        else:
+            tracker = make_tracker(cfg, run_dir, "vae", accelerator.is_main_process)
+            exit_code = 1
+            try:
+                vae_dir = train_vae(cfg, run_dir, dataset, accelerator, tracker)
+                exit_code = 0
+            finally:
+                tracker.finish(exit_code)
+    result["vae"] = str(vae_dir)
+    if stage in ("ldm", "all"):
+        if not (vae_dir / "config.json").exists():
+            raise ConfigError(f"stage={stage} needs a trained VAE: none at {vae_dir}. Run stage=vae first, or "
+                              f"give vae_path=/path/to/vae (a save_pretrained folder).")
+        check_vae_matches(vae_dir, cfg)
+        tracker = make_tracker(cfg, run_dir, "ldm", accelerator.is_main_process)
+        exit_code = 1
+        try:
+            result["export"] = str(train_ldm(cfg, run_dir, dataset, vae_dir, accelerator, tracker))
+            result["summary"] = dict(tracker.summary)
+            exit_code = 0
+        finally:
+            tracker.finish(exit_code)
+    if accelerator.is_main_process:
+        print(f"ldm-train: done. run dir: {run_dir}" + (f"; export: {result['export']}" if "export" in result else ""))
+    return result
+
+
+@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: the VAE stage, the LDM stage, and what they share (accelerator, checkpoints, schedules)."""

@@ -1,0 +1,82 @@
+"""What both training stages share: the accelerator from the hardware profile, step counts, data order,
+per-step seeding (which makes resume bit-exact), optimizer and LR schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    hw = cfg.hardware
+    precision = str(hw.mixed_precision)
+    if precision != "no" and not torch.cuda.is_available():
+        log.info("hardware=%s asks for %s but there is no GPU: training in fp32 on the CPU.", hw.name, precision)
+        precision = "no"
+    if torch.cuda.is_available() and hw.get("allow_tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=int(hw.gradient_accumulation_steps))
+
+
+def total_steps(train_cfg: DictConfig, num_samples: int, samples_per_step: int) -> int:
+    """Optimizer steps from max_steps, or from num_epochs when that is set (the notes train by epochs)."""
+    if train_cfg.get("num_epochs"):
+        return max(1, math.ceil(float(train_cfg.num_epochs) * num_samples / samples_per_step))
+    return int(train_cfg.max_steps)
+
+
+class DataOrder:
+    """Which dataset indices each micro-batch takes, as a pure function of the step.
+
+    Each epoch is a permutation seeded by (seed, epoch); the sample stream is the concatenation of
+    epochs. Because position = f(step), resuming at a step continues the exact same stream.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = num_samples, seed, shuffle
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        return self._perms[epoch]
+
+    def indices(self, position: int, count: int) -> torch.Tensor:
+        out = []
+        while count > 0:
+            epoch, offset = divmod(position, self.n)
+            take = min(count, self.n - offset)
+            out.append(self._perm(epoch)[offset:offset + take])
+            position, count = position + take, count - take
+        return torch.cat(out)
+
+    def epoch_of(self, position: int) -> int:
+        return position // self.n
+
+
+def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
+    """Seed every RNG (noise, timesteps, dropout) from (seed, step, micro-batch, rank): exact resume."""
+    torch.manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
+
+
+def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.999), fused: bool = False):
+    fused = bool(fused) and torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             **({"fused": True} if fused else {}))
+
+
+def make_lr_scheduler(name: str, optimizer, warmup_steps: int, num_steps: int, num_processes: int):
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=num_steps * num_processes)
