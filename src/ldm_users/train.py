@@ -85,7 +85,9 @@ def run(cfg: DictConfig) -> dict:
         tracker = make_tracker(cfg, run_dir, "ldm", accelerator.is_main_process)
         exit_code = 1
         try:
-            result["export"] = str(train_ldm(cfg, run_dir, dataset, vae_dir, accelerator, tracker))
+            export = train_ldm(cfg, run_dir, dataset, vae_dir, accelerator, tracker)
+            if export is not None:
+                result["export"] = str(export)
             result["summary"] = dict(tracker.summary)
             exit_code = 0
         finally:

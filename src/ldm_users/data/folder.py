@@ -116,7 +116,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
 def to_model_range(uint8_hwc) -> torch.Tensor:
     """uint8 HWC (or NHWC) -> float CHW (NCHW) in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(uint8_hwc)).float().div_(127.5).sub_(1.0)
+    t = torch.from_numpy(np.array(uint8_hwc, copy=True)).float().div_(127.5).sub_(1.0)  # memmap is read-only
     return t.permute(2, 0, 1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 

@@ -128,12 +128,12 @@ def _load_ema(folder: Path, ema: EMAModel | None, model) -> None:
 
 
 def load_frozen_vae(vae_dir, device, dtype=torch.float32) -> AutoencoderKL:
-    vae = AutoencoderKL.from_pretrained(str(vae_dir))
-    return vae.to(device, dtype).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir: Path, accelerator, tracker) -> Path:
-    """Train (or resume) the denoiser; returns the export folder."""
+    """Train (or resume) the denoiser; returns the export folder (None when stopped early on purpose)."""
     tcfg, hw = cfg.train, cfg.hardware
     stage_dir = run_dir / "ldm"
     device = accelerator.device
@@ -205,6 +205,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    stop_at = int(tcfg.stop_at_step) if tcfg.get("stop_at_step") else None
     progress = tqdm(range(start, steps), initial=start, total=steps, desc="ldm", disable=not is_main)
     running_loss = torch.zeros((), device=device)
     running_norm = torch.zeros((), device=device)
@@ -286,6 +287,12 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
             tracker.log_image("samples/grid", grid, step=done, caption="one row per user (EMA weights)")
         if done % int(tcfg.save_interval) == 0 and done < steps:
             last_good_checkpoint = save(done)
+        if stop_at is not None and done >= stop_at and done < steps:
+            # A planned interruption (time-sliced or preemptible jobs): checkpoint, then stop as a kill would.
+            if done % int(tcfg.save_interval):
+                last_good_checkpoint = save(done)
+            log.info("LDM: stopped at step %d as train.stop_at_step asks; rerun the same command to resume.", done)
+            return None
 
     model.eval()
     if steps > start or ckpt.latest_checkpoint(stage_dir / "checkpoints") is None:

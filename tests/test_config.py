@@ -1,0 +1,94 @@
+"""Config groups compose for every combination, derived values agree, and every mismatch is one clear line."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from ldm_users.compat import assert_compatible, check_compatibility
+from ldm_users.errors import ConfigError
+from tests.conftest import compose
+
+MODELS = ["unet_sd", "unet_medium", "unet_light", "dit", "unet_tiny", "dit_tiny"]
+VAES = ["kl_128", "kl_tiny"]
+HARDWARE = ["p100_16gb", "gpu_8gb", "h100_80gb", "cpu"]
+
+
+@pytest.mark.parametrize("model,vae,hardware", list(itertools.product(MODELS, VAES, HARDWARE)))
+def test_every_combination_composes_and_is_compatible(model, vae, hardware):
+    cfg = compose(f"model={model}", f"vae={vae}", f"hardware={hardware}")
+    assert check_compatibility(cfg, dataset_num_users=31) == []
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["denoiser"]["sample_size"] == 32  # 128 px / 2^(3-1)
+    assert resolved["model"]["denoiser"]["in_channels"] == resolved["vae"]["autoencoder"]["latent_channels"]
+    assert resolved["hardware"]["memory_gb"] > 0
+
+
+def test_seed_values_of_the_planning_notes():
+    medium = OmegaConf.to_container(compose("model=unet_medium").model, resolve=True)
+    assert medium["denoiser"]["block_out_channels"] == [128, 256, 512, 512]
+    assert medium["denoiser"]["cross_attention_dim"] == 512 == medium["condition"]["embed_dim"]
+    assert medium["denoiser"]["attention_head_dim"] == 8 and medium["denoiser"]["use_linear_projection"]
+    assert medium["condition"]["num_users"] == 31
+    sd = compose("model=unet_sd").model.denoiser
+    assert list(sd.block_out_channels) == [320, 640, 1280, 1280] and sd.cross_attention_dim == 768
+    vae = compose("vae=kl_128").vae.autoencoder
+    assert list(vae.block_out_channels) == [128, 256, 512] and vae.latent_channels == 4 and vae.sample_size == 128
+    p100 = compose("hardware=p100_16gb").hardware
+    assert (p100.mixed_precision, p100.batch_size, p100.gradient_accumulation_steps) == ("fp16", 1, 4)
+    assert (p100.sample_interval, p100.save_interval) == (1000, 5000)
+    small = compose("hardware=gpu_8gb").hardware
+    assert small.gradient_checkpointing and small.gradient_accumulation_steps == 8 and small.memory_gb == 8
+
+
+def test_derived_values_follow_overrides():
+    cfg = compose("model=unet_light", "data.resolution=64", "model.embed_dim=128", "data.num_users=7")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["denoiser"]["sample_size"] == 16
+    assert resolved["model"]["denoiser"]["cross_attention_dim"] == 128 == resolved["model"]["condition"]["embed_dim"]
+    assert resolved["model"]["condition"]["num_users"] == 7
+    dit = OmegaConf.to_container(compose("model=dit", "data.num_users=5").model, resolve=True)
+    assert dit["denoiser"]["num_embeds_ada_norm"] == 5
+
+
+def test_command_line_override_and_cfg_job():
+    out = subprocess.run([sys.executable, "-m", "ldm_users.train", "--cfg", "job", "model=unet_light",
+                          "hardware=gpu_8gb", "train.lr=2e-4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.train.lr == 2e-4 and cfg.model.name == "unet_light" and cfg.hardware.name == "gpu_8gb"
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.denoiser.in_channels=8"], "model.denoiser.in_channels=8 but vae.autoencoder.latent_channels=4"),
+    (["model.denoiser.sample_size=64"], "set model.denoiser.sample_size=32"),
+    (["model.denoiser.cross_attention_dim=300"], "model.denoiser.cross_attention_dim=300 but model.condition.embed_dim=512"),
+    (["model=dit", "model.denoiser.patch_size=3"], "model.denoiser.patch_size=3 does not divide the latent size 32"),
+    (["model.denoiser.attention_head_dim=7"], "attention_head_dim=7 (attention heads) does not divide"),
+    (["data.resolution=90"], "data.resolution=90 is not divisible by the VAE's downsampling factor 4"),
+    (["vae.autoencoder.norm_num_groups=24"], "not divisible by vae.autoencoder.norm_num_groups=24"),
+])
+def test_each_mismatch_gives_one_clear_line(overrides, expected):
+    cfg = compose(*overrides)
+    problems = check_compatibility(cfg, dataset_num_users=31)
+    assert any(expected in p for p in problems), problems
+    with pytest.raises(ConfigError, match="not consistent"):
+        assert_compatible(cfg, 31)
+
+
+def test_user_count_mismatch_names_the_fix():
+    cfg = compose("data.num_users=31")
+    (problem,) = check_compatibility(cfg, dataset_num_users=12)
+    assert "model.condition.num_users=31" in problem and "set data.num_users=12" in problem
+    (problem,) = check_compatibility(compose("model=dit"), dataset_num_users=12)
+    assert "model.denoiser.num_embeds_ada_norm=31" in problem
+
+
+def test_bad_override_exits_with_message_not_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ldm_users.train", "experiment=smoke", "logger=none",
+                          "model.denoiser.sample_size=4", f"hydra.run.dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "set model.denoiser.sample_size=8" in out.stderr and "Traceback" not in out.stderr
