@@ -14,6 +14,7 @@ from ldm_users.compat import assert_compatible
 from ldm_users.config import config_dir
 from ldm_users.data.loading import bind_num_users, prepare_dataset
 from ldm_users.errors import ConfigError, exit_on_user_error
+from ldm_users.sweep import run_job
 from ldm_users.tracking import make_tracker
 from ldm_users.training.common import make_accelerator
 
@@ -64,34 +65,33 @@ def run(cfg: DictConfig) -> dict:
     from ldm_users.training.ldm_stage import train_ldm
     from ldm_users.training.vae_stage import train_vae
 
-    vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else run_dir / "vae" / "final"
-    if stage in ("vae", "all") and not cfg.get("vae_path"):
-        if (vae_dir / "config.json").exists() and stage == "all":
-            log.info("VAE: using the finished VAE in %s", vae_dir)
-        else:
-            tracker = make_tracker(cfg, run_dir, "vae", accelerator.is_main_process)
-            exit_code = 1
-            try:
+    # One tracker (one W&B run) per job, whatever stages it trains; finished as failed when a stage raises.
+    tracker = make_tracker(cfg, run_dir, stage, accelerator.is_main_process)
+    exit_code = 1
+    try:
+        vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else run_dir / "vae" / "final"
+        if stage in ("vae", "all") and not cfg.get("vae_path"):
+            if (vae_dir / "config.json").exists() and stage == "all":
+                log.info("VAE: using the finished VAE in %s", vae_dir)
+            else:
+                tracker.begin_stage("vae")
                 vae_dir = train_vae(cfg, run_dir, dataset, accelerator, tracker)
-                exit_code = 0
-            finally:
-                tracker.finish(exit_code)
-    result["vae"] = str(vae_dir)
-    if stage in ("ldm", "all"):
-        if not (vae_dir / "config.json").exists():
-            raise ConfigError(f"stage={stage} needs a trained VAE: none at {vae_dir}. Run stage=vae first, or "
-                              f"give vae_path=/path/to/vae (a save_pretrained folder).")
-        check_vae_matches(vae_dir, cfg)
-        tracker = make_tracker(cfg, run_dir, "ldm", accelerator.is_main_process)
-        exit_code = 1
-        try:
+        result["vae"] = str(vae_dir)
+        if stage in ("ldm", "all"):
+            if not (vae_dir / "config.json").exists():
+                raise ConfigError(f"stage={stage} needs a trained VAE: none at {vae_dir}. Run stage=vae first, or "
+                                  f"give vae_path=/path/to/vae (a save_pretrained folder).")
+            check_vae_matches(vae_dir, cfg)
+            tracker.begin_stage("ldm")
             export = train_ldm(cfg, run_dir, dataset, vae_dir, accelerator, tracker)
             if export is not None:
                 result["export"] = str(export)
+                if cfg.logger.get("log_artifact", False) and export.exists():
+                    tracker.log_artifact(export, name=f"export-{cfg.model.name}", type="model")
             result["summary"] = dict(tracker.summary)
-            exit_code = 0
-        finally:
-            tracker.finish(exit_code)
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)
     if accelerator.is_main_process:
         print(f"ldm-train: done. run dir: {run_dir}" + (f"; export: {result['export']}" if "export" in result else ""))
     return result
@@ -100,7 +100,8 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    # In a multirun a failed job is recorded in its status.json and the next job runs (see ldm_users.sweep).
+    run_job(run, cfg, run_dir_of(cfg))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,30 @@
-"""W&B tracking: offline by itself without a key or network; a tracking fault never stops training."""
+"""W&B tracking: offline by itself without a key or network; a tracking fault never stops training.
+
+One W&B run per job (a job may train both stages): group = the sweep, name = the job's overrides,
+job_type = the stage asked for. Each stage's metrics are plotted against their own `<stage>/step` axis, since
+the VAE and the LDM both count steps from 1 and W&B drops history rows whose step goes backwards.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
-from ldm_users.config import to_container
-from ldm_users.tracking import NullTracker
+from ldm_users.tracking import (LocalTracker, hardware_profile, resolved_config, run_name, run_tags,
+                                sweep_group)
 
 log = logging.getLogger(__name__)
+
+
+def _server() -> tuple[str, int]:
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    return url.hostname or "api.wandb.ai", url.port or (443 if url.scheme != "http" else 80)
 
 
 def _has_api_key() -> bool:
@@ -19,101 +32,151 @@ def _has_api_key() -> bool:
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return "api.wandb.ai" in netrc.read_text()
+        return _server()[0] in netrc.read_text()
     except OSError:
         return False
 
 
-def choose_mode(requested: str | None) -> str:
+def _reachable(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(_server(), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def choose_mode(requested: str | None) -> tuple[str, str | None]:
+    """(mode, why it is offline when nobody asked for that). logger.mode and WANDB_MODE win when given."""
     if requested:
-        return str(requested)
+        return str(requested), None
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if _has_api_key() else "offline"
+        return os.environ["WANDB_MODE"], None
+    if not _has_api_key():
+        return "offline", "no W&B API key (`wandb login` or WANDB_API_KEY)"
+    if not _reachable():
+        return "offline", f"W&B server {_server()[0]} unreachable"
+    return "online", None
 
 
-def run_name(cfg: DictConfig, job_type: str) -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = HydraConfig.get().job.override_dirname
-    except Exception:
-        overrides = ""
-    return overrides or f"model={cfg.model.name},hardware={cfg.hardware.name}"
+def _artifact_name(name: str) -> str:
+    # W&B artifact names allow letters, digits, '-', '_' and '.'.
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "export"
 
 
-def sweep_group(cfg: DictConfig) -> str | None:
-    if cfg.logger.get("group"):
-        return str(cfg.logger.group)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        if hc.mode.name == "MULTIRUN":
-            return Path(hc.sweep.dir).name
-    except Exception:
-        pass
-    return None
-
-
-class WandbTracker(NullTracker):
-    def __init__(self, run):
-        super().__init__()
+class WandbTracker(LocalTracker):
+    def __init__(self, run, run_dir: Path, job_type: str, cfg: DictConfig, mode: str):
         self.run = run
-        self.run_dir = Path(run.dir).parent if run is not None else None
+        self.mode = mode
         self.failed = False
+        self._axes: set[str] = set()
+        self._bound: set[str] = set()
+        self._params: dict = {}
+        super().__init__(run_dir, job_type, cfg, extra={"wandb_id": run.id, "wandb_mode": mode,
+                                                        "wandb_dir": str(Path(run.dir).parent)})
 
     @classmethod
-    def start(cls, cfg: DictConfig, run_dir: Path, job_type: str) -> "WandbTracker | NullTracker":
+    def start(cls, cfg: DictConfig, run_dir: Path, job_type: str) -> "WandbTracker | LocalTracker":
+        """A W&B run for this job, else (with one warning line) the local metrics file alone."""
         try:
             import wandb
+        except Exception as err:
+            log.warning("wandb cannot be imported (%s); tracking to %s only.", err, Path(run_dir) / "metrics.jsonl")
+            return LocalTracker(run_dir, job_type, cfg)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        mode, why_offline = choose_mode(cfg.logger.get("mode"))
+        run = None
+        try:
+            run = cls._init(wandb, cfg, run_dir, job_type, mode, silent=why_offline is not None)
+        except Exception as err:
+            if mode != "online":
+                log.warning("W&B could not start (%s: %s); tracking to %s only.", type(err).__name__,
+                            str(err).splitlines()[0] if str(err) else "", Path(run_dir) / "metrics.jsonl")
+                return LocalTracker(run_dir, job_type, cfg)
+            why_offline = f"W&B did not start online ({type(err).__name__})"
+            mode = "offline"
+        if run is None:
+            try:
+                run = cls._init(wandb, cfg, run_dir, job_type, mode, silent=True)
+            except Exception as err:
+                log.warning("W&B could not start offline either (%s); tracking to %s only.", err,
+                            Path(run_dir) / "metrics.jsonl")
+                return LocalTracker(run_dir, job_type, cfg)
+        if why_offline:
+            offline_dir = Path(run.dir).parent
+            log.warning("wandb: %s: logging offline to %s; upload later with `wandb sync %s`",
+                        why_offline, offline_dir, offline_dir)
+        return cls(run, Path(run_dir), job_type, cfg, mode)
 
-            mode = choose_mode(cfg.logger.get("mode"))
-            if mode == "offline" and not cfg.logger.get("mode") and not os.environ.get("WANDB_MODE"):
-                print(f"wandb: no API key or network: logging offline to {run_dir}/wandb; "
-                      f"upload later with `wandb sync {run_dir}/wandb/offline-run-*`")
-            if wandb.run is not None:  # never append to a run left open by a previous job
-                wandb.finish()
-            run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=sweep_group(cfg),
-                             name=run_name(cfg, job_type), job_type=job_type, tags=list(cfg.logger.get("tags") or []),
-                             config=to_container(cfg), dir=str(run_dir), mode=mode, reinit="finish_previous")
-            return cls(run)
-        except Exception as err:  # tracking must never stop training
-            log.warning("W&B could not start (%s); continuing without tracking.", err)
-            return NullTracker()
+    @staticmethod
+    def _init(wandb, cfg: DictConfig, run_dir: Path, job_type: str, mode: str, silent: bool):
+        if wandb.run is not None:  # a run left open (e.g. by a failed job of this multirun) must not get our data
+            wandb.finish(exit_code=1)
+        lcfg = cfg.logger
+        return wandb.init(project=str(lcfg.get("project") or "ldm-users"), entity=lcfg.get("entity") or None,
+                          group=sweep_group(cfg), name=run_name(cfg), job_type=job_type,
+                          tags=run_tags(cfg, job_type), config={**resolved_config(cfg), "system": hardware_profile()},
+                          dir=str(run_dir), mode=mode, reinit="finish_previous",
+                          settings=wandb.Settings(silent=silent, init_timeout=60))
 
-    def _safe(self, fn, *args, **kwargs):
+    def _safe(self, fn, *args, **kwargs) -> None:
         if self.run is None or self.failed:
             return
         try:
             fn(*args, **kwargs)
         except Exception as err:
             self.failed = True
-            log.warning("W&B logging failed (%s); training goes on without tracking.", err)
+            log.warning("W&B logging failed (%s); training goes on, metrics still go to %s.", err, self.metrics_path)
+
+    def _log(self, data: dict, step: int | None) -> None:
+        if step is not None:
+            axis = f"{self.stage}/step"
+            if axis not in self._axes:
+                self.run.define_metric(axis)
+                self._axes.add(axis)
+            for key in data:  # a key is plotted against the axis of the stage that first logs it
+                if key not in self._bound:
+                    self.run.define_metric(key, step_metric=axis)
+                    self._bound.add(key)
+            data = {**data, axis: step}
+        self.run.log(data)
 
     def log(self, metrics: dict, step: int | None = None) -> None:
-        self._safe(self.run.log, metrics, step=step)
+        super().log(metrics, step)
+        self._safe(self._log, dict(metrics), step)
 
     def log_image(self, key: str, path, step: int | None = None, caption: str = "") -> None:
-        import wandb
+        super().log_image(key, path, step, caption)
 
-        self._safe(lambda: self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step))
+        def _image():
+            import wandb
+
+            self._log({key: wandb.Image(str(path), caption=caption)}, step)
+
+        self._safe(_image)
 
     def set_summary(self, metrics: dict) -> None:
         super().set_summary(metrics)
         self._safe(self.run.summary.update, metrics)
+        # Parameter counts are also config values, so runs can be grouped and plotted by model size.
+        params = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("params/")}
+        if params:
+            self._params.update(params)
+            self._safe(self.run.config.update, {"params": dict(self._params)}, allow_val_change=True)
 
     def log_artifact(self, path, name: str, type: str) -> None:
-        import wandb
+        super().log_artifact(path, name, type)
 
-        def _log():
-            artifact = wandb.Artifact(name=name, type=type)
-            artifact.add_dir(str(path))
+        def _artifact():
+            import wandb
+
+            artifact = wandb.Artifact(name=_artifact_name(name), type=type)
+            artifact.add_dir(str(path), policy="immutable")  # no copy of a multi-GB export; we never modify it
             self.run.log_artifact(artifact)
 
-        self._safe(_log)
+        self._safe(_artifact)
 
     def finish(self, exit_code: int = 0) -> None:
+        super().finish(exit_code)
         if self.run is not None:
             try:
                 self.run.finish(exit_code=exit_code)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
@@ -154,6 +155,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     alphas = noise_scheduler.alphas_cumprod.to(device)
     noise_scheduler.alphas_cumprod = alphas  # add_noise/get_velocity then stay on the device
 
+    set_seed(int(cfg.seed) + 1)  # the initial weights are part of what a seed reproduces
     model = build_denoiser(cfg, dataset.users)
     if hw.get("gradient_checkpointing"):
         model.backbone.enable_gradient_checkpointing()

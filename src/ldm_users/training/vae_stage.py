@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
@@ -50,6 +51,7 @@ def latent_scaling_factor(vae, dataset: PreparedDataset, num_samples: int, batch
     """1 / std of posterior samples over a random sample of the dataset (not just one batch)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:num_samples]
+    torch.manual_seed(seed)  # posterior samples below
     total, total_sq, count = 0.0, 0.0, 0
     for start in range(0, len(idx), batch_size):
         images, _ = dataset.batch(idx[start:start + batch_size].numpy())
@@ -91,6 +93,7 @@ def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelera
     world, rank = accelerator.num_processes, accelerator.process_index
     steps = total_steps(tcfg, len(dataset), batch * accum * world)
 
+    set_seed(int(cfg.seed))  # the initial weights are part of what a seed reproduces
     vae_model = build_vae(cfg)
     if hw.get("gradient_checkpointing"):
         vae_model.enable_gradient_checkpointing()

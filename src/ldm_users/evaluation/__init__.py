@@ -1,0 +1,1 @@
+"""Evaluation of trained models: a user classifier as judge, Fréchet distances, KID, diversity, memorisation."""

@@ -1,0 +1,1 @@
+"""Performance and memory tooling shared by ldm-diagnose and ldm-bench."""

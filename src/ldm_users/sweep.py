@@ -1,0 +1,170 @@
+"""Multirun jobs that fail alone.
+
+Hydra's sweepers re-raise a job's exception after its batch and skip every later batch (and a SystemExit
+from one job ends the whole sweep at once). In a multirun, `run_job` instead records the failure in the job's
+`status.json`, logs it and lets the next job start; `SweepStatusCallback` (conf: hydra.callbacks) then writes
+`<sweep dir>/sweep_status.json` and makes the process exit 1 when any job failed. A single run still fails
+as before (exit 1 with the traceback, or exit 2 with one line for a user error), after writing its status.
+Between jobs of one process the CUDA peak-memory counters and accelerate's singletons are reset, so each
+job reports its own peak memory and may use another precision or accumulation.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from ldm_users.errors import LdmUsersError
+
+log = logging.getLogger("ldm_users.sweep")
+
+STATUS_FILE = "status.json"
+SWEEP_STATUS_FILE = "sweep_status.json"
+
+
+def _hydra():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get()
+    except Exception:
+        return None
+
+
+def is_multirun() -> bool:
+    hc = _hydra()
+    return hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
+
+
+def is_main_rank() -> bool:
+    # Under `accelerate launch` every rank runs the Hydra app; only one may write the job's files.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def job_info() -> dict:
+    hc = _hydra()
+    if hc is None:
+        return {"num": None, "name": "", "overrides": []}
+    num = hc.job.get("num")
+    return {"num": int(num) if num is not None else None, "name": hc.job.override_dirname or "default",
+            "overrides": list(hc.overrides.task)}
+
+
+def write_status(directory: Path, record: dict, name: str = STATUS_FILE) -> Path:
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, path)  # readers (the callback, ldm-report) never see half a file
+    return path
+
+
+def reset_between_jobs() -> None:
+    """Free what a finished job held and reset per-job counters (jobs of a basic/joblib sweep share a process)."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            for device in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(device)
+    except Exception as err:  # never let housekeeping fail a job
+        log.debug("CUDA reset skipped: %s", err)
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+
+        # AcceleratorState is a process-wide singleton: without this, a second job asking for another
+        # mixed precision raises "AcceleratorState has already been initialized". The distributed
+        # PartialState (process group) is kept: it is the same for every job under `accelerate launch`.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    except Exception as err:
+        log.debug("accelerate reset skipped: %s", err)
+
+
+def run_job(fn: Callable[[DictConfig], Any], cfg: DictConfig, job_dir: Path) -> Any:
+    """fn(cfg), with its outcome in `<job_dir>/status.json`; in a multirun a failure does not propagate."""
+    multirun, main = is_multirun(), is_main_rank()
+    info = job_info()
+    started = time.time()
+    record = {"job": info["num"], "name": info["name"], "overrides": info["overrides"], "job_dir": str(job_dir),
+              "started_at": started}
+    reset_between_jobs()
+    try:
+        result = fn(cfg)
+    except BaseException as err:
+        reset_between_jobs()
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            raise
+        interrupted = isinstance(err, KeyboardInterrupt)
+        record.update(status="interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}",
+                      traceback="".join(traceback.format_exception(err)), finished_at=time.time(),
+                      duration_s=round(time.time() - started, 3))
+        path = write_status(job_dir, record) if main else Path(job_dir) / STATUS_FILE
+        if interrupted or not multirun:
+            raise
+        label = f"job {info['num']} ({info['name']})"
+        if isinstance(err, LdmUsersError):  # the message says what to fix; a traceback would bury it
+            log.error("%s FAILED: %s", label, err)
+        else:
+            log.error("%s FAILED: %s: %s", label, type(err).__name__, err, exc_info=err)
+        log.error("%s: status in %s; the sweep goes on with the next job and exits 1 at the end.", label, path)
+        return None
+    reset_between_jobs()
+    record.update(status="ok", finished_at=time.time(), duration_s=round(time.time() - started, 3))
+    if main:
+        write_status(job_dir, record)
+    return result
+
+
+def collect_statuses(sweep_dir: Path, since: float | None = None) -> list[dict]:
+    """The status.json of each job under a sweep dir (those written since `since`, when given), by job number."""
+    statuses = []
+    for path in Path(sweep_dir).rglob(STATUS_FILE):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if since is not None and float(record.get("started_at") or 0) < since:
+            continue  # a job of an earlier multirun into the same sweep dir
+        record.setdefault("job_dir", str(path.parent))
+        statuses.append(record)
+    return sorted(statuses, key=lambda r: (r.get("job") is None, r.get("job") or 0, r["job_dir"]))
+
+
+class SweepStatusCallback(Callback):
+    """On multirun end: summarize the jobs' status files and exit 1 when any job failed."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        since = self.started - 5.0 if self.started is not None else None
+        statuses = collect_statuses(sweep_dir, since)
+        failed = [s for s in statuses if s.get("status") != "ok"]
+        if is_main_rank():
+            summary = {"sweep_dir": str(sweep_dir), "jobs": len(statuses), "failed": len(failed),
+                       "statuses": [{k: s.get(k) for k in ("job", "name", "status", "error", "job_dir")}
+                                    for s in statuses]}
+            write_status(sweep_dir, summary, SWEEP_STATUS_FILE)
+        if failed:
+            lines = [f"ldm-train: {len(failed)} of {len(statuses)} jobs failed:"]
+            lines += [f"  job {s.get('job')} ({s.get('name')}): {s.get('error')}  [{s['job_dir']}]" for s in failed]
+            print("\n".join(lines), file=sys.stderr, flush=True)
+            sys.exit(1)
+        print(f"ldm-train: all {len(statuses)} jobs finished. Compare them: ldm-report {sweep_dir}", flush=True)
