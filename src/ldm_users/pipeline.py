@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ldm_users.models.condition import UserConditionEncoder
 from ldm_users.models.denoiser import UserDenoiser
+from ldm_users.perf.fast_sampling import CompiledDenoiser, GraphedGuidance, guided, resolve_mode
 
 
 class UserLDMPipeline(DiffusionPipeline):
@@ -74,16 +75,27 @@ class UserLDMPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
-    def predict_noise(self, denoiser: UserDenoiser, latents, t, ids, guidance_scale: float):
+    # How the denoiser calls run: off | auto | cuda_graph | compile (ldm_users.perf.fast_sampling).
+    fast_sampling = "off"
+
+    def predict_noise(self, denoiser: UserDenoiser, latents, t, ids, guidance_scale: float, fast=None):
         """One denoiser call; with guidance the conditional and null branches share one batched forward."""
         model_input = self.scheduler.scale_model_input(latents, t)
-        timesteps = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
-        if guidance_scale == 1.0:
-            return denoiser(model_input, timesteps, ids)
-        null = torch.full_like(ids, denoiser.null_id)
-        out = denoiser(torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]), torch.cat([ids, null]))
-        cond, uncond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        # Broadcast the scheduler's own timestep tensor: int(t) would sync the GPU at every step.
+        t = t if torch.is_tensor(t) else torch.tensor(t)
+        timesteps = t.to(latents.device, torch.long).reshape(1).expand(latents.shape[0])
+        if fast is not None:
+            return fast(denoiser, model_input, timesteps, ids, guidance_scale)
+        return guided(denoiser, model_input, timesteps, ids, guidance_scale)
+
+    def _fast_predictor(self, denoiser: UserDenoiser, device: torch.device):
+        mode = resolve_mode(self.fast_sampling, device)
+        if mode == "off" or denoiser.backbone.training:  # dropout in train mode: no graphs
+            return None
+        cache = self.__dict__.setdefault("_fast_cache", {})
+        if mode not in cache:
+            cache[mode] = GraphedGuidance() if mode == "cuda_graph" else CompiledDenoiser()
+        return cache[mode]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         scaling = getattr(self.vae.config, "scaling_factor", 1.0) or 1.0
@@ -108,6 +120,7 @@ class UserLDMPipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         batch_size = batch_size or len(ids)
         step_kwargs = self._step_kwargs(generator, eta)
+        fast = self._fast_predictor(denoiser, device)
 
         outputs = []
         chunks = list(range(0, len(ids), batch_size))
@@ -120,7 +133,7 @@ class UserLDMPipeline(DiffusionPipeline):
                 x = latents[start:start + batch_size]
                 chunk_ids = ids[start:start + batch_size]
                 for t in timesteps:
-                    eps = self.predict_noise(denoiser, x.to(dtype), t, chunk_ids, guidance_scale).float()
+                    eps = self.predict_noise(denoiser, x.to(dtype), t, chunk_ids, guidance_scale, fast).float()
                     x = self.scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
                     bar.update()
                 outputs.append(self.decode(x))

@@ -18,6 +18,7 @@ from ldm_users.loading import load_pipeline, parse_users, resolve_device_dtype, 
 def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
     pipe = load_pipeline(cfg.model_path, use_ema=bool(cfg.use_ema))
     set_sampler(pipe, cfg.sampler)
+    pipe.fast_sampling = str(cfg.sampler.get("fast", "off"))  # CUDA graphs on GPUs (perf/fast_sampling.py)
     device, dtype = resolve_device_dtype(str(cfg.device), str(cfg.dtype))
     pipe.to(device)
     if dtype != torch.float32:  # the VAE stays fp32; the denoiser runs in the reduced precision

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import LdmUsersError
 
@@ -114,12 +114,10 @@ def run_job(fn: Callable[[DictConfig], Any], cfg: DictConfig, job_dir: Path) -> 
         path = write_status(job_dir, record) if main else Path(job_dir) / STATUS_FILE
         if interrupted or not multirun:
             raise
-        label = f"job {info['num']} ({info['name']})"
-        if isinstance(err, LdmUsersError):  # the message says what to fix; a traceback would bury it
-            log.error("%s FAILED: %s", label, err)
-        else:
-            log.error("%s FAILED: %s: %s", label, type(err).__name__, err, exc_info=err)
-        log.error("%s: status in %s; the sweep goes on with the next job and exits 1 at the end.", label, path)
+        # A user error's message says what to fix, a traceback would bury it; anything else gets one.
+        log.error("job %s (%s) FAILED: %s: %s [status in %s; the sweep goes on and exits 1 at the end]",
+                  info["num"], info["name"], type(err).__name__, err, path,
+                  exc_info=None if isinstance(err, LdmUsersError) else err)
         return None
     reset_between_jobs()
     record.update(status="ok", finished_at=time.time(), duration_s=round(time.time() - started, 3))
@@ -151,17 +149,25 @@ class SweepStatusCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
+        overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.hydra", default=[]) or []]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
+            # Every rank runs the whole sweep; the default sweep dir holds the time each rank resolved it at,
+            # which may differ by a second and split the ranks of one job into two dirs.
+            print("error: a multirun under `accelerate launch` needs an explicit sweep dir shared by every rank: "
+                  "add hydra.sweep.dir=outputs/multirun/<name>.", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_main_rank():  # under `accelerate launch` rank 0 writes the statuses and reports them
+            return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         since = self.started - 5.0 if self.started is not None else None
         statuses = collect_statuses(sweep_dir, since)
         failed = [s for s in statuses if s.get("status") != "ok"]
-        if is_main_rank():
-            summary = {"sweep_dir": str(sweep_dir), "jobs": len(statuses), "failed": len(failed),
-                       "statuses": [{k: s.get(k) for k in ("job", "name", "status", "error", "job_dir")}
-                                    for s in statuses]}
-            write_status(sweep_dir, summary, SWEEP_STATUS_FILE)
+        summary = {"sweep_dir": str(sweep_dir), "jobs": len(statuses), "failed": len(failed),
+                   "statuses": [{k: s.get(k) for k in ("job", "name", "status", "error", "job_dir")}
+                                for s in statuses]}
+        write_status(sweep_dir, summary, SWEEP_STATUS_FILE)
         if failed:
             lines = [f"ldm-train: {len(failed)} of {len(statuses)} jobs failed:"]
             lines += [f"  job {s.get('job')} ({s.get('name')}): {s.get('error')}  [{s['job_dir']}]" for s in failed]

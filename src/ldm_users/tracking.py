@@ -104,7 +104,9 @@ def run_name(cfg: DictConfig) -> str:
     overrides = hc.job.override_dirname if hc is not None else ""
     if overrides:
         return overrides
-    return f"model={cfg.model.name},hardware={cfg.hardware.name}"
+    # ldm-eval's config has no model group: name the run by what it has.
+    parts = [f"{key}={cfg[key].name}" for key in ("model", "hardware") if cfg.get(key) is not None]
+    return ",".join(parts) or "default"
 
 
 def sweep_group(cfg: DictConfig) -> str | None:

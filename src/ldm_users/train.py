@@ -69,6 +69,9 @@ def run(cfg: DictConfig) -> dict:
     tracker = make_tracker(cfg, run_dir, stage, accelerator.is_main_process)
     exit_code = 1
     try:
+        # Files skipped as unusable (data.strict=false) when the dataset was prepared, counted where runs are compared.
+        tracker.set_summary({"data/skipped_files": len(dataset.skipped), "data/images": len(dataset),
+                             "data/users": dataset.num_users})
         vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else run_dir / "vae" / "final"
         if stage in ("vae", "all") and not cfg.get("vae_path"):
             if (vae_dir / "config.json").exists() and stage == "all":
@@ -88,12 +91,20 @@ def run(cfg: DictConfig) -> dict:
                 result["export"] = str(export)
                 if cfg.logger.get("log_artifact", False) and export.exists():
                     tracker.log_artifact(export, name=f"export-{cfg.model.name}", type="model")
+                from ldm_users.evaluation.evaluate import evaluate_after_training
+
+                result["eval"] = evaluate_after_training(cfg, export, run_dir, dataset, tracker,
+                                                         accelerator.is_main_process)
             result["summary"] = dict(tracker.summary)
         exit_code = 0
     finally:
         tracker.finish(exit_code)
     if accelerator.is_main_process:
-        print(f"ldm-train: done. run dir: {run_dir}" + (f"; export: {result['export']}" if "export" in result else ""))
+        lines = [f"ldm-train: done. run dir: {run_dir}"]
+        if "export" in result:
+            lines.append(f"  sample grid (a row per user): {run_dir / 'ldm' / 'samples' / 'final.png'}")
+            lines.append(f"  pipeline export: {result['export']}  (ldm-sample model_path={result['export']})")
+        print("\n".join(lines))
     return result
 
 

@@ -165,15 +165,17 @@ def train_classifier(dataset: PreparedDataset, ccfg: dict, device: torch.device,
         model = UserClassifier(dataset.num_users, size, int(ccfg["width"]), int(ccfg["feature_dim"])).to(device)
     steps, batch = int(ccfg["steps"]), int(ccfg["batch_size"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(ccfg["lr"]), weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(ccfg["lr"]), total_steps=steps,
-                                                   pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))  # short warmup
+    stop_loss = ccfg.get("stop_loss")
+    recent: list[float] = []
     generator = torch.Generator().manual_seed(int(ccfg["seed"]))
     train_t = torch.as_tensor(train_idx)
     start = time.perf_counter()
     model.train()
     loss_value = float("nan")
+    done = 0
     bar = tqdm(range(steps), desc="user classifier", disable=not show_progress, unit="step")
-    for _ in bar:
+    for done in bar:
         pick = train_t[torch.randint(len(train_t), (batch,), generator=generator)]
         x = _augment(inputs[pick], generator).to(device)
         _, logits = model(x)
@@ -182,8 +184,13 @@ def train_classifier(dataset: PreparedDataset, ccfg: dict, device: torch.device,
         loss.backward()
         optimizer.step()
         schedule.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        recent = (recent + [loss_value])[-10:]
+        # Once the training split is fitted, more steps only tighten the clusters (and cost time).
+        if stop_loss is not None and len(recent) == 10 and sum(recent) / 10 < float(stop_loss):
+            bar.close()
+            break
     model.eval()
     feats, logits = embed(model, inputs, device)
     from ldm_users.evaluation.metrics import topk_correct
@@ -195,9 +202,9 @@ def train_classifier(dataset: PreparedDataset, ccfg: dict, device: torch.device,
             "train_indices": train_idx.tolist(), "holdout_indices": held_idx.tolist(),
             "holdout_top1": held_top1, "holdout_top5": held_top5,
             "train_top1": float(topk_correct(logits[train_idx], labels[train_idx], 1).mean()),
-            "final_loss": loss_value, "train_seconds": round(time.perf_counter() - start, 2)}
-    log.info("user classifier: held-out top-1 %.3f on %d images (%d users), trained in %.1f s", held_top1,
-             len(held_idx), dataset.num_users, meta["train_seconds"])
+            "final_loss": loss_value, "steps_done": done + 1, "train_seconds": round(time.perf_counter() - start, 2)}
+    log.info("user classifier: held-out top-1 %.3f on %d images (%d users), %d steps in %.1f s", held_top1,
+             len(held_idx), dataset.num_users, done + 1, meta["train_seconds"])
     return model, meta, feats, logits
 
 

@@ -9,8 +9,9 @@ sweep's jobs can be tabled side by side. Keys:
   fd/classifier, fd/classifier_per_user_mean, fd/classifier_real_holdout (a real-vs-real yardstick),
   fd/inception (standard FID; null without eval.inception_weights), kid/classifier, kid/classifier_std,
   diversity/generated, diversity/real, diversity/ratio (~1 healthy, near 0 = mode collapse), diversity/min_ratio,
+  diversity/pixel_ratio (the same ratio in pixel space),
   memorization/nn_dist_generated, memorization/nn_dist_real, memorization/ratio (well below 1 = copying),
-  per_user/<user>/{top1,top5,fd,diversity_ratio,oracle_top1}.
+  per_user/<user>/{top1,top5,fd,diversity_ratio,pixel_diversity_ratio,oracle_top1}.
 """
 
 from __future__ import annotations
@@ -199,19 +200,31 @@ def compute_metrics(clf: TrainedClassifier, dataset: PreparedDataset, generated:
     else:
         out["oracle/top1"] = out["oracle/real_holdout_top1"] = None
 
-    gen_div, real_div, ratios, fds = [], [], [], []
+    real_pixels, nn_real = _real_pixel_nn(dataset, clf.folder)
+    gen_pixels = _pixels(generated)
+
+    def ratio_of(gen, real) -> float:
+        # Within-user spread of generated images relative to the real ones: ~1 healthy, near 0 = mode collapse.
+        gd = M.mean_pairwise_distance(gen)
+        rd = M.mean_pairwise_distance(real) if len(real) >= 2 else float("nan")
+        return gd / rd if rd > 0 else float("nan")
+
+    gen_div, real_div, ratios, pixel_ratios, fds = [], [], [], [], []
     for u, name in enumerate(names):
         g, r = gen_feats[gen_labels == u], real_feats[real_labels == u]
-        gd = M.mean_pairwise_distance(g)
-        rd = M.mean_pairwise_distance(r) if len(r) >= 2 else float("nan")
-        ratio = gd / rd if rd > 0 else float("nan")
+        gen_div.append(M.mean_pairwise_distance(g))
+        real_div.append(M.mean_pairwise_distance(r) if len(r) >= 2 else float("nan"))
+        ratio = ratio_of(g, r)
+        ratios.append(ratio)
+        pixel_ratios.append(ratio_of(gen_pixels[gen_labels == u], real_pixels[real_labels == u]))
         fd = M.frechet_distance_features(g, r) if len(r) >= 2 else float("nan")
-        gen_div.append(gd), real_div.append(rd), ratios.append(ratio), fds.append(fd)
+        fds.append(fd)
         mask = gen_labels == u
         out[f"per_user/{name}/top1"] = float(top1[mask].mean())
         out[f"per_user/{name}/top5"] = float(top5[mask].mean())
         out[f"per_user/{name}/fd"] = _finite(fd)
         out[f"per_user/{name}/diversity_ratio"] = _finite(ratio)
+        out[f"per_user/{name}/pixel_diversity_ratio"] = _finite(pixel_ratios[-1])
         out[f"per_user/{name}/oracle_top1"] = float(oracle_gen[mask].mean()) if oracle_gen is not None else None
     ratios_arr = np.asarray(ratios)
     out["fd/classifier_per_user_mean"] = _finite(np.nanmean(fds))
@@ -220,9 +233,11 @@ def compute_metrics(clf: TrainedClassifier, dataset: PreparedDataset, generated:
     out["diversity/ratio"] = _finite(np.nanmean(ratios_arr))
     out["diversity/min_ratio"] = _finite(np.nanmin(ratios_arr))
     out["diversity/min_ratio_user"] = names[int(np.nanargmin(ratios_arr))]
+    # The classifier's features are trained to ignore within-user variation, so they are complemented by the
+    # same ratio in pixel space, which no training can make blind to a generator repeating itself.
+    out["diversity/pixel_ratio"] = _finite(np.nanmean(pixel_ratios))
 
-    real_pixels, nn_real = _real_pixel_nn(dataset, clf.folder)
-    nn_gen = M.nearest_distances(_pixels(generated), real_pixels)
+    nn_gen = M.nearest_distances(gen_pixels, real_pixels)
     scale = math.sqrt(real_pixels.shape[1])  # per-pixel RMS units, comparable across resolutions
     out["memorization/nn_dist_generated"] = float(nn_gen.mean() / scale)
     out["memorization/nn_dist_real"] = float(nn_real.mean() / scale)
@@ -294,3 +309,26 @@ def log_to_tracker(tracker, metrics: dict, prefix: str = "") -> None:
     tracker.set_summary({f"{prefix}{k}": v for k, v in metrics.items()})
     if metrics.get("grid"):
         tracker.log_image(f"{prefix}grid", metrics["grid"], caption="per user: generated | real")
+
+
+def evaluate_after_training(cfg: DictConfig, export, run_dir, dataset: PreparedDataset, tracker,
+                            is_main_process: bool = True) -> dict | None:
+    """ldm-train's hook (eval.enabled=true): evaluate the fresh export into <run_dir>/eval and the run summary.
+
+    A failing evaluation is reported (log and summary `eval/error`) but does not turn a finished training
+    run into a failed one: the export is there, and `ldm-eval export_path=<run_dir>` can be rerun.
+    """
+    if cfg.get("eval") is None or not cfg.eval.get("enabled", False) or not is_main_process:
+        return None
+    if not (Path(export) / "model_index.json").exists():
+        log.warning("eval.enabled=true but there is no export at %s (export.enabled=false?): evaluation skipped.",
+                    export)
+        return None
+    try:
+        metrics = evaluate_export(cfg, export, Path(run_dir) / "eval", dataset=dataset)
+    except Exception as err:
+        log.error("evaluation of %s failed: %s. Rerun it with `ldm-eval export_path=%s`.", export, err, run_dir)
+        tracker.set_summary({"eval/error": str(err)})
+        return None
+    log_to_tracker(tracker, metrics, prefix="eval/")
+    return metrics

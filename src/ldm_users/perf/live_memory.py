@@ -22,16 +22,18 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 
 class LiveMemory(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, limit_bytes: int | None = None):
+        """limit_bytes: raise torch.OutOfMemoryError past it, as a capped GPU allocator would (CPU emulation)."""
         super().__init__()
         self._seen = WeakIdKeyDictionary()
         self.current = 0
         self.peak = 0
+        self.limit = limit_bytes
 
     def _free(self, nbytes: int) -> None:
         self.current -= nbytes
 
-    def track(self, *objects) -> "LiveMemory":
+    def track(self, *objects) -> LiveMemory:
         """Count tensors (or every parameter, buffer and gradient of modules) that already exist."""
         for obj in objects:
             if isinstance(obj, torch.nn.Module):
@@ -58,6 +60,9 @@ class LiveMemory(TorchDispatchMode):
         weakref.finalize(storage, self._free, nbytes)
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        if self.limit is not None and self.current > self.limit:
+            raise torch.OutOfMemoryError(f"live tensors need {self.current / 2**30:.3f} GiB, over the emulated "
+                                         f"cap of {self.limit / 2**30:.3f} GiB")
 
     def reset_peak(self) -> None:
         self.peak = self.current

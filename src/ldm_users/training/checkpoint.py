@@ -45,15 +45,25 @@ def latest_checkpoint(root) -> Path | None:
 
 def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict,
                     write_extra: Callable[[Path], None] | None = None, total_limit: int | None = None) -> Path:
-    """Write checkpoint-<step> atomically; every rank must call this (accelerate gathers what it needs)."""
+    """Write checkpoint-<step> atomically; every rank must call this (accelerate gathers what it needs).
+
+    An OSError (disk full, read-only or vanished folder) becomes a CheckpointError naming the last complete
+    checkpoint, which is left as it was.
+    """
     root = Path(root)
     final = root / f"checkpoint-{step:07d}"
     tmp = root / f".tmp-checkpoint-{step:07d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+    failure = None
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+    except OSError as err:
+        failure = err
     accelerator.wait_for_everyone()
     try:
+        if failure is not None:
+            raise failure
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             if write_extra is not None:
@@ -61,10 +71,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
             # The state file goes last: list_checkpoints treats a folder without it as incomplete.
             _write_json(tmp / STATE_FILE, {**state, "step": step})
             _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
+            replace_dir(tmp, final)
     except OSError as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -75,8 +82,40 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and total_limit:
         for old in list_checkpoints(root)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
     return final
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`, replacing what is there; a kill at any moment leaves a
+    complete `final` (old or new) or none, never a half-deleted one that still looks complete."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".trash-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_dir(folder: Path) -> None:
+    # Rename first: a kill halfway through the deletion must not leave a torn folder under a valid name.
+    trash = folder.with_name(f".trash-{folder.name}")
+    try:
+        os.replace(folder, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temporary and half-deleted folders of earlier killed runs (only this run writes under root)."""
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-checkpoint-", ".trash-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_state(checkpoint: Path) -> dict:
@@ -90,6 +129,11 @@ def read_state(checkpoint: Path) -> dict:
 def load_checkpoint(accelerator, checkpoint: Path) -> dict:
     """Restore the accelerate state; a truncated or tampered file becomes a clear CheckpointError."""
     state = read_state(checkpoint)
+    # Weights are only ever read from safetensors: accelerate would fall back to a pickled pytorch_model.bin.
+    if not (Path(checkpoint) / "model.safetensors").is_file():
+        raise CheckpointError(f"cannot load checkpoint {checkpoint}: model.safetensors is missing (weights are only "
+                              "read from safetensors). Resume from another checkpoint with train.resume=PATH or "
+                              "start over with train.resume=never.")
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as err:  # safetensors, torch.load(weights_only=True) and shape errors all land here

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.training_utils import EMAModel
@@ -27,28 +25,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm_users.data.folder import PreparedDataset
-from ldm_users.errors import LdmUsersError
 from ldm_users.grid import make_grid
 from ldm_users.models.build import build_denoiser, count_parameters
 from ldm_users.pipeline import UserLDMPipeline
 from ldm_users.training import checkpoint as ckpt
 from ldm_users.training import latent_cache
-from ldm_users.training.common import DataOrder, make_lr_scheduler, make_optimizer, seed_step, total_steps
+from ldm_users.training.common import DataOrder, make_lr_scheduler, make_optimizer, total_steps
+from ldm_users.training.nonfinite import BadStepCounter, NonFiniteLossError  # noqa: F401 (re-exported)
 from ldm_users.training.resume import resolve_resume, write_run_meta
+from ldm_users.training.signals import interrupted, stop_on_signals, stop_requested
+from ldm_users.training.step import LdmTrainStep, diffusion_target  # noqa: F401 (diffusion_target re-exported)
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(LdmUsersError):
-    pass
-
-
-def diffusion_target(scheduler, latents, noise, timesteps, prediction_type: str) -> torch.Tensor:
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"train.prediction_type={prediction_type}: use epsilon or v_prediction")
 
 
 def make_pipeline(vae, denoiser, noise_scheduler, users: list[str]) -> UserLDMPipeline:
@@ -80,8 +68,7 @@ def export_pipeline(pipe: UserLDMPipeline, out_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "users.json").write_text(json.dumps({"users": pipe.user_names}, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    ckpt.replace_dir(tmp, out_dir)
     return out_dir
 
 
@@ -129,17 +116,18 @@ def _load_ema(folder: Path, ema: EMAModel | None, model) -> None:
 
 
 def load_frozen_vae(vae_dir, device, dtype=torch.float32) -> AutoencoderKL:
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype, use_safetensors=True)  # never a pickle
     return vae.to(device).eval().requires_grad_(False)
 
 
+@stop_on_signals
 def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir: Path, accelerator, tracker) -> Path:
     """Train (or resume) the denoiser; returns the export folder (None when stopped early on purpose)."""
     tcfg, hw = cfg.train, cfg.hardware
     stage_dir = run_dir / "ldm"
     device = accelerator.device
     batch, accum = int(hw.batch_size), accelerator.gradient_accumulation_steps
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     is_main = accelerator.is_main_process
 
     vae = load_frozen_vae(vae_dir, device)
@@ -151,7 +139,6 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
         cache = cache.to(device)
 
     noise_scheduler = instantiate(cfg.noise_scheduler)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
     alphas = noise_scheduler.alphas_cumprod.to(device)
     noise_scheduler.alphas_cumprod = alphas  # add_noise/get_velocity then stay on the device
 
@@ -172,7 +159,8 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     unwrapped = accelerator.unwrap_model(model)
     ema = None
     if tcfg.ema.enabled:
-        ema = EMAModel(unwrapped.parameters(), decay=float(tcfg.ema.decay), use_ema_warmup=bool(tcfg.ema.warmup))
+        ema = EMAModel(unwrapped.parameters(), decay=float(tcfg.ema.decay), use_ema_warmup=bool(tcfg.ema.warmup),
+                       foreach=True)  # a few fused kernels per step, not two per parameter
         ema.to(device)
 
     start = 0
@@ -203,7 +191,11 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     prediction_type = str(tcfg.prediction_type)
     log_every = int(tcfg.log_interval)
     max_norm = float(tcfg.max_grad_norm) if tcfg.max_grad_norm else float("inf")
-    fp16_scaler = accelerator.scaler is not None
+    # The step itself lives in training/step.py so ldm-bench times exactly this code.
+    train_step = LdmTrainStep(accelerator=accelerator, model=model, forward=forward, optimizer=optimizer,
+                              lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler, cache=cache, order=order,
+                              scaling=scaling, batch=batch, seed=int(cfg.seed), p_uncond=p_uncond, null_id=null_id,
+                              prediction_type=prediction_type, channels_last=channels_last, max_norm=max_norm)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -211,50 +203,21 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     progress = tqdm(range(start, steps), initial=start, total=steps, desc="ldm", disable=not is_main)
     running_loss = torch.zeros((), device=device)
     running_norm = torch.zeros((), device=device)
-    logged_steps, bad_in_a_row, bad_total = 0, 0, 0
+    logged_steps, good_steps, bad_steps = 0, 0, BadStepCounter(tcfg.max_bad_steps, "LDM")
     last_good_checkpoint = resume_from
     t_log, images_since_log = time.perf_counter(), 0
     last_loss, last_rate = float("nan"), float("nan")
     model.train()
     for step in progress:
         t_step = time.perf_counter()
-        for micro in range(accum):
-            seed_step(int(cfg.seed), step, micro, rank)
-            position = ((step * accum + micro) * world + rank) * batch
-            idx = order.indices(position, batch).to(cache.mean.device)
-            z = (cache.mean[idx] + cache.std[idx] * torch.randn_like(cache.mean[idx])).to(device) * scaling
-            users = cache.labels[idx].to(device)
-            users = torch.where(torch.rand(users.shape, device=device) < p_uncond, torch.full_like(users, null_id), users)
-            noise = torch.randn_like(z)
-            timesteps = torch.randint(0, num_timesteps, (z.shape[0],), device=device)
-            noisy = noise_scheduler.add_noise(z, noise, timesteps)
-            if channels_last:
-                noisy = noisy.contiguous(memory_format=torch.channels_last)
-            target = diffusion_target(noise_scheduler, z, noise, timesteps, prediction_type)
-            with accelerator.accumulate(model), accelerator.autocast():
-                pred = forward(noisy, timesteps, users)
-                loss = F.mse_loss(pred.float(), target.float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    # One host sync per optimizer step: a non-finite step must be skipped, not applied.
-                    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-                    if finite or fp16_scaler:  # the fp16 GradScaler skips (and rescales) by itself
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach() / accum
-        skipped = not finite or (fp16_scaler and accelerator.optimizer_step_was_skipped)
-        if skipped:
-            bad_in_a_row += 1
-            bad_total += 1
-            if bad_in_a_row >= int(tcfg.max_bad_steps):
-                raise NonFiniteLossError(
-                    f"step {step + 1}: {bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(last loss {loss.item()}). Lower train.lr, check the data, or use another precision. The last "
-                    f"good checkpoint is {last_good_checkpoint or 'none (no checkpoint yet)'} and is intact.")
+        result = train_step(step)
+        loss, grad_norm, skipped = result.last_loss, result.grad_norm, result.skipped
+        if skipped:  # not applied to the weights; K in a row stop the run
+            bad_steps.bad(step + 1, loss.item(), last_good_checkpoint)
         else:
-            bad_in_a_row = 0
+            bad_steps.good()
+            good_steps += 1
+            running_loss += result.loss  # skipped steps stay out of the logged means
             running_norm += grad_norm.detach().float()
             if ema is not None:
                 ema.step(unwrapped.parameters())
@@ -266,14 +229,14 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
         logged_steps += 1
         images_since_log += batch * accum * world
         if done % log_every == 0 or done == steps:
-            mean_loss = accelerator.reduce(running_loss, "mean").item() / logged_steps
-            mean_norm = running_norm.item() / max(1, logged_steps)
+            mean_loss = accelerator.reduce(running_loss, "mean").item() / good_steps if good_steps else float("nan")
+            mean_norm = running_norm.item() / good_steps if good_steps else float("nan")
             elapsed = time.perf_counter() - t_log
             rate = images_since_log / max(elapsed, 1e-9)
             lr = lr_scheduler.get_last_lr()[0]
             metrics = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": mean_norm,
                        "train/images_per_sec": rate, "train/epoch": order.epoch_of(done * accum * world * batch),
-                       "train/skipped_steps": bad_total}
+                       "train/skipped_steps": bad_steps.total}
             if device.type == "cuda":
                 metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
@@ -281,7 +244,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
             last_loss, last_rate = mean_loss, rate
             running_loss.zero_()
             running_norm.zero_()
-            logged_steps, images_since_log, t_log = 0, 0, time.perf_counter()
+            logged_steps, good_steps, images_since_log, t_log = 0, 0, 0, time.perf_counter()
         if is_main and done % int(tcfg.sample_interval) == 0:
             with EMASwap(ema, unwrapped.parameters()):
                 grid = sample_grid(pipeline(), cfg, dataset.users, stage_dir / "samples" / f"step-{done:07d}.png",
@@ -295,6 +258,11 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
                 last_good_checkpoint = save(done)
             log.info("LDM: stopped at step %d as train.stop_at_step asks; rerun the same command to resume.", done)
             return None
+        signum = stop_requested(accelerator)  # SIGTERM/SIGINT: checkpoint and stop (every rank at this step)
+        if signum and done < steps:
+            if done % int(tcfg.save_interval):
+                last_good_checkpoint = save(done)
+            raise interrupted(signum, f"after LDM step {done} of {steps}; saved {last_good_checkpoint}")
 
     model.eval()
     if steps > start or ckpt.latest_checkpoint(stage_dir / "checkpoints") is None:
@@ -309,7 +277,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
         tracker.log_image("samples/grid", grid, step=steps, caption="final, one row per user (EMA weights)")
         summary = {"final/loss": last_loss, "final/images_per_sec": last_rate, "params/denoiser": params["denoiser"],
                    "params/user_encoder": params["user_encoder"], "params/vae": params["vae"],
-                   "train/skipped_steps_total": bad_total, "final/grid": str(grid)}
+                   "train/skipped_steps_total": bad_steps.total, "final/grid": str(grid)}
         if compile_seconds is not None:
             summary["train/compile_seconds"] = compile_seconds
         if device.type == "cuda":

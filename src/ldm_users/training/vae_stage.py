@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +19,9 @@ from ldm_users.grid import make_grid, to_uint8
 from ldm_users.models.build import build_vae
 from ldm_users.training import checkpoint as ckpt
 from ldm_users.training.common import (DataOrder, make_lr_scheduler, make_optimizer, seed_step, total_steps)
+from ldm_users.training.nonfinite import BadStepCounter, step_is_finite
 from ldm_users.training.resume import resolve_resume
+from ldm_users.training.signals import interrupted, stop_on_signals, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def save_recon_grid(vae, dataset: PreparedDataset, path: Path, device, per_user:
     return path
 
 
+@stop_on_signals
 def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelerator, tracker) -> Path:
     """Train (or resume) the VAE; returns the folder of the final `save_pretrained` VAE."""
     tcfg = cfg.vae_train
@@ -110,13 +112,25 @@ def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelera
         start = ckpt.load_checkpoint(accelerator, resume_from)["step"]
         log.info("VAE: resumed from %s at step %d", resume_from, start)
 
+    def save(step: int) -> Path:
+        return ckpt.save_checkpoint(accelerator, stage_dir / "checkpoints", step,
+                                    {"stage": "vae", "users": dataset.users},
+                                    write_extra=lambda d: _write_meta(d, cfg, dataset),
+                                    total_limit=int(cfg.train.checkpoints_total_limit))
+
     order = DataOrder(len(dataset), int(cfg.seed))
     flip = bool(cfg.data.get("random_flip", False))
     progress = tqdm(range(start, steps), initial=start, total=steps, desc="vae", disable=not accelerator.is_main_process)
     t0, images_done = time.perf_counter(), 0
     running = torch.zeros((), device=accelerator.device)
+    good_steps, bad_steps = 0, BadStepCounter(cfg.train.max_bad_steps, "VAE")
+    last_good_checkpoint = resume_from
+    fp16_scaler = accelerator.scaler is not None
+    max_norm = float(tcfg.max_grad_norm) if tcfg.max_grad_norm else float("inf")
     vae.train()
     for step in progress:
+        step_loss = torch.zeros((), device=accelerator.device)
+        finite = True
         for micro in range(accum):
             seed_step(int(cfg.seed), step, micro, rank)
             position = ((step * accum + micro) * world + rank) * batch
@@ -128,29 +142,43 @@ def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelera
             with accelerator.accumulate(vae), accelerator.autocast():
                 loss, parts = vae(images)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and tcfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(vae.parameters(), float(tcfg.max_grad_norm))
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            running += loss.detach()
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(vae.parameters(), max_norm)
+                    # A non-finite step is skipped, never applied (the fp16 GradScaler skips by itself).
+                    finite = step_is_finite(accelerator, loss, grad_norm)
+                    if finite or fp16_scaler:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach()
         images_done += batch * accum * world
         done = step + 1
+        if not finite or (fp16_scaler and accelerator.optimizer_step_was_skipped):
+            bad_steps.bad(done, step_loss.item() / accum, last_good_checkpoint)
+        else:
+            bad_steps.good()
+            running += step_loss
+            good_steps += 1
         if done % int(cfg.train.log_interval) == 0 or done == steps:
-            mean_loss = (running / (accum * ((done - 1) % int(cfg.train.log_interval) + 1))).item()
+            mean_loss = (running / (accum * good_steps)).item() if good_steps else float("nan")
             running.zero_()
+            good_steps = 0
             rate = images_done / max(time.perf_counter() - t0, 1e-9)
             lr = lr_scheduler.get_last_lr()[0]
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             tracker.log({"vae/loss": mean_loss, "vae/lr": lr, "vae/images_per_sec": rate,
+                         "vae/skipped_steps": bad_steps.total,
                          **{f"vae/{k}": v.item() for k, v in parts.items()}}, step=done)
         if accelerator.is_main_process and done % int(tcfg.sample_interval) == 0:
             grid = save_recon_grid(unwrapped, dataset, stage_dir / "samples" / f"recon-{done:07d}.png", accelerator.device)
             tracker.log_image("vae/reconstructions", grid, step=done)
         if done % int(tcfg.save_interval) == 0 and done < steps:
-            ckpt.save_checkpoint(accelerator, stage_dir / "checkpoints", done, {"stage": "vae", "users": dataset.users},
-                                 write_extra=lambda d: _write_meta(d, cfg, dataset),
-                                 total_limit=int(cfg.train.checkpoints_total_limit))
+            last_good_checkpoint = save(done)
+        signum = stop_requested(accelerator)  # SIGTERM/SIGINT: checkpoint and stop (every rank at this step)
+        if signum and done < steps:
+            if done % int(tcfg.save_interval):
+                last_good_checkpoint = save(done)
+            raise interrupted(signum, f"after VAE step {done} of {steps}; saved {last_good_checkpoint}")
 
     unwrapped.eval()
     if accelerator.is_main_process:
@@ -158,9 +186,9 @@ def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelera
                                       accelerator.device, int(cfg.seed))
         unwrapped.register_to_config(scaling_factor=scale)
         tmp = stage_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
+        ckpt.replace_dir(tmp, final_dir)  # a kill never leaves a torn final/ that still has its config.json
         grid = save_recon_grid(unwrapped, dataset, stage_dir / "samples" / "recon-final.png", accelerator.device)
         tracker.log_image("vae/reconstructions", grid, step=steps)
         tracker.set_summary({"vae/scaling_factor": scale})

@@ -1,0 +1,81 @@
+"""The sampling fast path: the graphed guided call must give the eager images; modes resolve safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import compose
+from hydra.utils import instantiate
+
+from ldm_users.perf.fast_sampling import GraphedGuidance, resolve_mode
+
+
+def cpu_capture(calls):
+    """Stands in for torch.cuda.graph: replay re-runs the function on the same static buffers."""
+
+    def capture(fn, static):
+        calls.append(tuple(t.shape for t in static))
+        out = fn(*static)
+        return (lambda: out.copy_(fn(*static))), out
+
+    return capture
+
+
+def tiny_pipeline(model="unet_tiny"):
+    from ldm_users.models.build import build_denoiser, build_vae
+    from ldm_users.training.ldm_stage import make_pipeline
+
+    cfg = compose("experiment=smoke", f"model={model}")
+    torch.manual_seed(0)
+    users = [f"u{i}" for i in range(int(cfg.data.num_users))]
+    return make_pipeline(build_vae(cfg).eval(), build_denoiser(cfg, users).eval(), instantiate(cfg.noise_scheduler), users)
+
+
+@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
+def test_graphed_guidance_gives_the_eager_images(model, monkeypatch):
+    pipe = tiny_pipeline(model)
+    kwargs = {"users": [0, 1, 2], "num_inference_steps": 4, "guidance_scale": 3.0, "output_type": "pt",
+              "batch_size": 2, "show_progress": False}
+    eager = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    calls = []
+    graphed = GraphedGuidance(capture=cpu_capture(calls))
+    monkeypatch.setattr(pipe, "_fast_predictor", lambda denoiser, device: graphed)
+    fast = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    torch.testing.assert_close(fast, eager, rtol=0, atol=1e-6)
+    # Chunks of 2 and 1 images: two captures (CFG doubles the batch inside), reused across the 4 steps.
+    assert calls == [((2, 4, 8, 8), (2,), (2,)), ((1, 4, 8, 8), (1,), (1,))]
+    pipe(generator=torch.Generator().manual_seed(1), **kwargs)
+    assert len(calls) == 2  # cached across calls while the weights stay where they are
+    # Re-allocated weights (a dtype round trip) must not be read through a stale graph.
+    pipe.denoiser.backbone.to(torch.float64).to(torch.float32)
+    again = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert len(calls) == 4
+    torch.testing.assert_close(again, eager, rtol=0, atol=1e-6)
+
+
+def test_modes_resolve_safely(caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_mode("auto", cpu) == "off" and resolve_mode("auto", cuda) == "cuda_graph"
+    assert resolve_mode(None, cuda) == "off" and resolve_mode("compile", cpu) == "compile"
+    assert resolve_mode("cuda_graph", cpu) == "off" and "needs a CUDA device" in caplog.text
+    with pytest.raises(ValueError, match="fast sampling mode"):
+        resolve_mode("fastest", cpu)
+
+
+def test_training_mode_never_uses_graphs():
+    pipe = tiny_pipeline()
+    pipe.fast_sampling = "compile"
+    pipe.denoiser.backbone.train()
+    assert pipe._fast_predictor(pipe.denoiser, torch.device("cpu")) is None
+    pipe.denoiser.backbone.eval()
+    assert pipe._fast_predictor(pipe.denoiser, torch.device("cpu")) is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_matches_eager_on_gpu():
+    pipe = tiny_pipeline().to("cuda")
+    kwargs = {"users": [0, 1], "num_inference_steps": 5, "guidance_scale": 3.0, "output_type": "pt", "show_progress": False}
+    eager = pipe(generator=torch.Generator("cuda").manual_seed(1), **kwargs).images
+    pipe.fast_sampling = "cuda_graph"
+    fast = pipe(generator=torch.Generator("cuda").manual_seed(1), **kwargs).images
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
