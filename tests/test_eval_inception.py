@@ -54,7 +54,7 @@ def test_local_weights_load_offline_and_give_features(random_weights):
 def test_safetensors_weights_and_an_imagenet_head_are_accepted(random_weights, tmp_path):
     from safetensors.torch import save_file
 
-    path, reference = random_weights
+    _, reference = random_weights
     state = {k: v.contiguous() for k, v in reference.state_dict().items()}
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, FEATURE_DIM), torch.zeros(1000)  # torchvision's head
     file = tmp_path / "inception.safetensors"

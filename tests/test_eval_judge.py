@@ -88,7 +88,7 @@ def test_features_of_disjoint_real_sets_are_close(judge):
     """No self-comparison: the held-out images against the classifier's training split only."""
     from ldm_users.evaluation import metrics as M
 
-    _, dataset, clf = judge
+    clf = judge[2]
     train, held = np.asarray(clf.meta["train_indices"]), np.asarray(clf.meta["holdout_indices"])
     noise_feats, _ = clf.classify(np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
     real_fd = M.frechet_distance_features(clf.real_features[held], clf.real_features[train])

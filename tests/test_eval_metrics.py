@@ -37,6 +37,17 @@ def test_frechet_distance_is_stable_for_singular_covariances_of_small_samples():
     assert M.frechet_distance_features(x, x + 3.0) == pytest.approx(9.0 * 32, rel=1e-6)  # a pure shift
 
 
+def test_the_few_samples_shortcut_equals_the_full_computation():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(200, 40)) @ rng.normal(size=(40, 40))
+    mu, sigma = M.gaussian_stats(ref)
+    for n in (2, 7, 39):  # fewer samples than dimensions: the n x n path
+        x = rng.normal(loc=0.5, size=(n, 40))
+        assert M.frechet_distance_to_stats(x, mu, sigma) == pytest.approx(
+            M.frechet_distance(*M.gaussian_stats(x), mu, sigma), rel=1e-7)
+        assert M.frechet_distance_features(x, ref) == pytest.approx(M.frechet_distance_features(ref, x), rel=1e-7)
+
+
 def test_kid_is_about_zero_for_one_distribution_and_large_for_another():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))

@@ -149,7 +149,8 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group_and_a_report(tiny_run
         assert f"model={model}" in run["tags"] and "experiment=smoke" in run["tags"]
         rows = history(records)
         assert [r["ldm/step"] for r in rows if "train/loss" in r] == [2, 4]
-        assert {"train/lr", "train/grad_norm", "train/images_per_sec"} <= set(next(r for r in rows if "train/loss" in r))
+        first_log = next(r for r in rows if "train/loss" in r)
+        assert {"train/lr", "train/grad_norm", "train/images_per_sec"} <= set(first_log)
         assert any(r.get("samples/grid._type") == "image-file" for r in rows)
         assert summary["summary"]["params/denoiser"] > 0 and summary["summary"]["final/loss"] > 0
         assert summary["config"]["params"]["denoiser"] == summary["summary"]["params/denoiser"]

@@ -268,7 +268,8 @@ def plot_losses(rows: list[dict], path: Path) -> Path | None:
         ax.set_title(f"{stage} training loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        if all(v > 0 for r in rows for _, v in r["_curves"].get(stage, [])):
+        values = [v for r in rows for _, v in r["_curves"].get(stage, [])]
+        if min(values) > 0 and max(values) / min(values) > 10:  # long runs: a log axis shows the late part
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
@@ -298,7 +299,8 @@ def plot_eval(rows: list[dict], path: Path) -> Path | None:
     for row in points:
         x, y = row["_eval"][fd], row["_eval"][acc]
         ax.scatter([x], [y], zorder=2)
-        label = f"w={row['guidance_scale']:g}" if _number(row.get("guidance_scale")) is not None else f"job {row['job']}"
+        scale = _number(row.get("guidance_scale"))
+        label = f"w={scale:g}" if scale is not None else f"job {row['job']}"
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel(f"{fd} (lower is better)")
     ax.set_ylabel(f"{acc} (higher is better)")

@@ -16,8 +16,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
-from ldm_users.tracking import (LocalTracker, hardware_profile, resolved_config, run_name, run_tags,
-                                sweep_group)
+from ldm_users.tracking import LocalTracker, hardware_profile, resolved_config, run_name, run_tags, sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class WandbTracker(LocalTracker):
                                                         "wandb_dir": str(Path(run.dir).parent)})
 
     @classmethod
-    def start(cls, cfg: DictConfig, run_dir: Path, job_type: str) -> "WandbTracker | LocalTracker":
+    def start(cls, cfg: DictConfig, run_dir: Path, job_type: str) -> WandbTracker | LocalTracker:
         """A W&B run for this job, else (with one warning line) the local metrics file alone."""
         try:
             import wandb

@@ -135,7 +135,7 @@ def inception_fid(weights: str, dataset: PreparedDataset, generated: np.ndarray,
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, mu=mu_r, sigma=sigma_r)
     gen = features(lambda a, b: to_model_range(generated[a:b]), len(generated), "inception (generated)")
-    return M.frechet_distance(*M.gaussian_stats(gen), mu_r, sigma_r), n_real
+    return M.frechet_distance_to_stats(gen, mu_r, sigma_r), n_real
 
 
 def save_grid(generated: np.ndarray, gen_labels: np.ndarray, dataset: PreparedDataset, ecfg, path: Path) -> Path:
@@ -143,13 +143,12 @@ def save_grid(generated: np.ndarray, gen_labels: np.ndarray, dataset: PreparedDa
     per = int(ecfg.get("grid_per_user", 6))
     users = range(min(dataset.num_users, int(ecfg.get("grid_users", 16))))
     labels = dataset.labels.numpy()
-    blank = Image.new("RGB", (dataset.resolution // 2, dataset.resolution), (255, 255, 255))
+    blank = Image.new("RGB", (dataset.resolution, dataset.resolution), (255, 255, 255))  # the gap between them
     rows = []
     for u in users:
         gen = [Image.fromarray(im) for im in generated[gen_labels == u][:per]]
         real = [Image.fromarray(np.asarray(dataset.images[i])) for i in np.flatnonzero(labels == u)[:per]]
         rows.append(gen + [blank] + real)
-    # make_grid assumes one cell size: the half-width blank is pasted into a full cell, a visible gap.
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows, [f"{dataset.users[u]}" for u in users]).save(path)
     return path
@@ -326,7 +325,7 @@ def evaluate_after_training(cfg: DictConfig, export, run_dir, dataset: PreparedD
         return None
     try:
         metrics = evaluate_export(cfg, export, Path(run_dir) / "eval", dataset=dataset)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - reported; the finished training run stands
         log.error("evaluation of %s failed: %s. Rerun it with `ldm-eval export_path=%s`.", export, err, run_dir)
         tracker.set_summary({"eval/error": str(err)})
         return None

@@ -190,7 +190,7 @@ def load_inception(path: str | Path) -> FIDInceptionV3:
                           f"skip the Inception FID; nothing is downloaded.")
     try:
         state = _read_state_dict(path)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ConfigError(f"eval.inception_weights={path} could not be read as a torch or safetensors state dict "
                           f"({err}).") from None
     # The classifier head's size differs between the FID graph (1008) and torchvision's ImageNet weights (1000);

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig
+
+from ldm_users.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +26,16 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     if torch.cuda.is_available() and hw.get("allow_tf32"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=int(hw.gradient_accumulation_steps))
+    # Under torchrun without a GPU, accelerate only goes multi-process (gloo) when told it is on the CPU; otherwise
+    # every process would train alone and all of them would write the same run dir.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(mixed_precision=precision, cpu=launched > 1 and not torch.cuda.is_available(),
+                              gradient_accumulation_steps=int(hw.gradient_accumulation_steps))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ConfigError(f"launched as {launched} processes (WORLD_SIZE) but accelerate sees "
+                          f"{accelerator.num_processes}: they would overwrite each other's checkpoints. Launch with "
+                          "`accelerate launch` or `torchrun` and check `accelerate env`.")
+    return accelerator
 
 
 def total_steps(train_cfg: DictConfig, num_samples: int, samples_per_step: int) -> int:

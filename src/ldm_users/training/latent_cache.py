@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ldm_users.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -84,5 +86,6 @@ def load_or_encode(vae, dataset, cache_root, device, batch_size: int = 64, show_
     wait()  # other ranks read what the main process wrote
     cached = _load(path, len(dataset))
     if cached is None:
-        raise RuntimeError(f"latent cache {path} could not be written or read back")
+        raise DataError(f"latent cache {path} could not be written or read back: check free space and "
+                        "permissions under paths.cache_dir (or point it elsewhere).")
     return cached

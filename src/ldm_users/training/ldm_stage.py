@@ -73,12 +73,16 @@ def export_pipeline(pipe: UserLDMPipeline, out_dir: Path) -> Path:
 
 
 class EMASwap:
-    """Context: the model holds the EMA weights inside, its training weights again after."""
+    """Context for sampling: the model in eval mode (no dropout) holding the EMA weights; afterwards its training
+    weights and mode again."""
 
-    def __init__(self, ema: EMAModel | None, params):
-        self.ema, self.params = ema, list(params)
+    def __init__(self, ema: EMAModel | None, module: torch.nn.Module):
+        self.ema, self.module = ema, module
+        self.params = list(module.parameters())
 
     def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
         if self.ema is not None:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
@@ -86,6 +90,7 @@ class EMASwap:
     def __exit__(self, *exc):
         if self.ema is not None:
             self.ema.restore(self.params)
+        self.module.train(self.was_training)
 
 
 def _save_ema(folder: Path, ema: EMAModel | None, model) -> None:
@@ -246,7 +251,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
             running_norm.zero_()
             logged_steps, good_steps, images_since_log, t_log = 0, 0, 0, time.perf_counter()
         if is_main and done % int(tcfg.sample_interval) == 0:
-            with EMASwap(ema, unwrapped.parameters()):
+            with EMASwap(ema, unwrapped):
                 grid = sample_grid(pipeline(), cfg, dataset.users, stage_dir / "samples" / f"step-{done:07d}.png",
                                    int(cfg.seed))
             tracker.log_image("samples/grid", grid, step=done, caption="one row per user (EMA weights)")
@@ -270,7 +275,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     export_dir = run_dir / "export"
     if is_main:
         use_ema = bool(cfg.export.get("use_ema", True)) and ema is not None
-        with EMASwap(ema if use_ema else None, unwrapped.parameters()):
+        with EMASwap(ema if use_ema else None, unwrapped):
             grid = sample_grid(pipeline(), cfg, dataset.users, stage_dir / "samples" / "final.png", int(cfg.seed))
             if cfg.export.enabled:
                 export_pipeline(pipeline(), export_dir)
