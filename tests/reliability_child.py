@@ -5,6 +5,7 @@
         kill-after  make the call, then SIGKILL                  (e.g. a file written but not yet renamed)
         truncate    make the call, cut the file it wrote (2nd argument) to half, then SIGKILL (a torn write)
         term | int  send SIGTERM / SIGINT to this process before the call, then go on
+        kill-in=S   go on, and SIGKILL this process S seconds later from another thread (whatever it is doing)
     LDM_TEST_FAULT_RANK=r                   only on this rank (default: every rank)
     LDM_TEST_NAN_LOSS="a-b"                 F.mse_loss calls a..b (1-based, inclusive; b may be empty) return NaN
     LDM_TEST_DUMP_WEIGHTS=dir               every rank writes its denoiser weights to dir/step<k>-rank<r>.safetensors
@@ -20,6 +21,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -41,6 +43,11 @@ def _install_fault(spec: str) -> None:
     def wrapper(*args, **kwargs):
         calls[0] += 1
         if calls[0] != int(nth):
+            return original(*args, **kwargs)
+        if action.startswith("kill-in="):
+            timer = threading.Timer(float(action.split("=", 1)[1]), os.kill, (os.getpid(), signal.SIGKILL))
+            timer.daemon = True
+            timer.start()
             return original(*args, **kwargs)
         if action in ("term", "int"):
             os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGINT)

@@ -82,15 +82,6 @@ class Running:
                                         daemon=True)
         self._reader.start()
 
-    def wait_for_text(self, text: str, timeout: float = TIMEOUT) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if text.encode() in b"".join(self.err):
-                return True
-            if self.proc.poll() is not None:
-                return False
-            time.sleep(0.02)
-        raise TimeoutError(f"{text!r} did not appear")
 
     def wait_for(self, path: Path, timeout: float = TIMEOUT) -> bool:
         """Poll (every 20 ms) until path exists; False when the process ended first."""
@@ -198,8 +189,19 @@ def test_sigkill_at_chosen_points_resumes_bit_exact(reference, tmp_path):
 @pytest.mark.slow
 def test_signals_checkpoint_and_random_sigkills_resume_bit_exact(reference, tmp_path, session_cache):
     """SIGINT during the VAE and SIGTERM during the LDM save a checkpoint and exit cleanly (128 + signal);
-    SIGKILLs at random moments lose at most the steps since the last checkpoint; the end is bit-exact."""
+    SIGKILLs at random moments of each training loop (a step, a checkpoint, a grid, the export) lose at most the
+    steps since the last checkpoint; the end is bit-exact."""
     run_dir = tmp_path / "run"
+    delays = [round(random.uniform(0.0, 0.4), 3) for _ in range(2)]
+
+    def killed_at_random(loop_fn: str, delay: float) -> None:
+        # SIGKILL from a timer thread, `delay` seconds after the loop's first step began: asynchronous to the
+        # training thread like an external kill, but always inside the training window however busy the CPU.
+        out = _train(run_dir, session_cache, fault=f"{loop_fn}:1:kill-in={delay}")
+        _killed(out)
+        assert_checkpoints_sound(run_dir)
+        print(f"SIGKILL {delay} s into {loop_fn}:", *(ckpt.latest_checkpoint(run_dir / s / "checkpoints")
+                                                     for s in ("vae", "ldm")))  # shown with -s or on failure
 
     job = Running(run_dir, session_cache)
     assert job.wait_for(run_dir / "vae" / "checkpoints" / "checkpoint-0000004"), job.finish()[1][-3000:]
@@ -210,6 +212,8 @@ def test_signals_checkpoint_and_random_sigkills_resume_bit_exact(reference, tmp_
     latest = ckpt.latest_checkpoint(run_dir / "vae" / "checkpoints")
     assert f"saved {latest}" in err  # the checkpoint of the step it stopped at, not only the periodic one
 
+    killed_at_random("ldm_users.training.vae_stage:VAEWithLoss.forward", delays[0])
+
     job = Running(run_dir, session_cache)
     assert job.wait_for(run_dir / "ldm" / "checkpoints" / "checkpoint-0000004"), job.finish()[1][-3000:]
     job.proc.send_signal(signal.SIGTERM)
@@ -219,18 +223,10 @@ def test_signals_checkpoint_and_random_sigkills_resume_bit_exact(reference, tmp_
     latest = ckpt.latest_checkpoint(run_dir / "ldm" / "checkpoints")
     assert f"saved {latest}" in err
 
-    for delay in (random.uniform(0.0, 3.0), random.uniform(0.0, 3.0)):
-        job = Running(run_dir, session_cache)
-        job.wait_for_text("it/s")  # training (of either stage) has begun: its progress bar is up
-        time.sleep(delay)  # then anywhere: a step, a checkpoint, a grid, the export
-        job.proc.kill()
-        job.finish()
-        assert_checkpoints_sound(run_dir)
-        print(f"SIGKILL {delay:.2f} s into training: latest LDM checkpoint "
-              f"{ckpt.latest_checkpoint(run_dir / 'ldm' / 'checkpoints')}")  # shown when the test fails
+    killed_at_random("ldm_users.training.step:LdmTrainStep.__call__", delays[1])
 
     out = _train(run_dir, session_cache)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, f"random SIGKILL delays {delays}: {out.stderr[-3000:]}"
     assert_same_final_state(run_dir, reference)
 
 

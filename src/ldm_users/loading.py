@@ -46,7 +46,7 @@ def load_pipeline(model_path: str | Path, use_ema: bool = True) -> UserLDMPipeli
     if (path / "export" / "model_index.json").exists():
         path = path / "export"
     if (path / "model_index.json").exists():
-        return UserLDMPipeline.from_pretrained(str(path))
+        return UserLDMPipeline.from_pretrained(str(path), use_safetensors=True)  # weights never from a pickle
     if (path / "trainer_state.json").exists() and (path / "config.yaml").exists():
         return _load_checkpoint_pipeline(path, use_ema)
     raise ConfigError(f"model_path={path} is neither an export (model_index.json), a run dir with export/, nor a "
