@@ -107,7 +107,10 @@ def run_job(fn: Callable[[DictConfig], Any], cfg: DictConfig, job_dir: Path) -> 
         reset_between_jobs()
         if isinstance(err, SystemExit) and err.code in (0, None):
             raise
-        interrupted = isinstance(err, KeyboardInterrupt)
+        # A signal (SLURM preemption, Ctrl-C) stops the whole sweep: the job checkpointed and a rerun resumes it.
+        from ldm_users.training.signals import TrainingInterrupted
+
+        interrupted = isinstance(err, (KeyboardInterrupt, TrainingInterrupted))
         record.update(status="interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}",
                       traceback="".join(traceback.format_exception(err)), finished_at=time.time(),
                       duration_s=round(time.time() - started, 3))
