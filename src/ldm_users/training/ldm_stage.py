@@ -21,7 +21,6 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm_users.data.folder import PreparedDataset

@@ -95,7 +95,7 @@ class LdmTrainStep:
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.max_norm)
                     # The one host sync per optimizer step.
-                    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+                    finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
                     if finite or self.fp16_scaler:  # the fp16 GradScaler skips (and rescales) by itself
                         optimizer.step()
                         self.lr_scheduler.step()
