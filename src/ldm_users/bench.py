@@ -453,7 +453,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 def _log(cfg, result: dict, run_dir: Path | None) -> None:
     from ldm_users.tracking import make_tracker
 
-    tracker = make_tracker(cfg, run_dir or Path("."), "bench", True)
+    # Outside a Hydra app there is no run dir: track next to the results, never into the current directory.
+    tracker = make_tracker(cfg, run_dir or Path(str(cfg.bench.results_dir)), "bench", True)
     try:
         metrics = {}
         for row in result.get("rows") or []:
