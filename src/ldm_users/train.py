@@ -41,7 +41,7 @@ def check_vae_matches(vae_dir: Path, cfg: DictConfig) -> None:
         raise ConfigError(f"vae_path={vae_dir} has latent_channels={saved.get('latent_channels')} and "
                           f"{len(saved.get('block_out_channels', []))} blocks, but vae={cfg.vae.name} has "
                           f"{want.latent_channels} and {len(want.block_out_channels)}: choose the vae config it was "
-                          f"trained with (e.g. vae={saved.get('_ldm_users_vae_name', 'kl_128')}).")
+                          f"trained with (vae=kl_128 or vae=kl_tiny, or your own).")
 
 
 def run(cfg: DictConfig) -> dict:

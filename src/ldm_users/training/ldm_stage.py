@@ -30,10 +30,10 @@ from ldm_users.pipeline import UserLDMPipeline
 from ldm_users.training import checkpoint as ckpt
 from ldm_users.training import latent_cache
 from ldm_users.training.common import DataOrder, make_lr_scheduler, make_optimizer, total_steps
-from ldm_users.training.nonfinite import BadStepCounter, NonFiniteLossError  # noqa: F401 (re-exported)
+from ldm_users.training.nonfinite import BadStepCounter
 from ldm_users.training.resume import resolve_resume, write_run_meta
 from ldm_users.training.signals import interrupted, stop_on_signals, stop_requested
-from ldm_users.training.step import LdmTrainStep, diffusion_target  # noqa: F401 (diffusion_target re-exported)
+from ldm_users.training.step import LdmTrainStep
 
 log = logging.getLogger(__name__)
 
