@@ -30,3 +30,9 @@ def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pa
         for j, img in enumerate(row):
             grid.paste(img.convert("RGB"), (label_w + pad + j * (w + pad), y))
     return grid
+
+
+def user_rows_grid(images: list[Image.Image], per_user: int, labels: list[str]) -> Image.Image:
+    """Images generated user after user (per_user each) -> a grid with one labelled row per user."""
+    rows = [images[i * per_user:(i + 1) * per_user] for i in range(len(labels))]
+    return make_grid(rows, labels)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError, exit_on_user_error
-from ldm_users.grid import make_grid
+from ldm_users.grid import user_rows_grid
 from ldm_users.loading import load_pipeline, parse_users, resolve_device_dtype, set_sampler
 
 
@@ -43,8 +43,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
         path = out_dir / f"{user}_{k % per_user:03d}.png"
         image.save(path)
         written.append(path)
-    rows = [images[i * per_user:(i + 1) * per_user] for i in range(len(ids))]
-    make_grid(rows, [names[i] for i in ids]).save(out_dir / "grid.png")
+    user_rows_grid(images, per_user, [names[i] for i in ids]).save(out_dir / "grid.png")
     print(f"ldm-sample: {len(images)} images and grid.png in {out_dir}")
     return written
 

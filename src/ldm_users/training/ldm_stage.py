@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ldm_users.data.folder import PreparedDataset
-from ldm_users.grid import make_grid
+from ldm_users.grid import user_rows_grid
 from ldm_users.models.build import build_denoiser, count_parameters
 from ldm_users.pipeline import UserLDMPipeline
 from ldm_users.training import checkpoint as ckpt
@@ -55,9 +55,8 @@ def sample_grid(pipe: UserLDMPipeline, cfg: DictConfig, users: list[str], path: 
     generator = torch.Generator(pipe.device).manual_seed(seed)
     images = pipe(users=shown, num_images_per_user=per_user, num_inference_steps=int(cfg.sampler.num_inference_steps),
                   guidance_scale=float(cfg.sampler.guidance_scale), generator=generator, show_progress=False).images
-    rows = [images[i * per_user:(i + 1) * per_user] for i in range(len(shown))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, [users[u] for u in shown]).save(path)
+    user_rows_grid(images, per_user, [users[u] for u in shown]).save(path)
     return path
 
 
