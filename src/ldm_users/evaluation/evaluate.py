@@ -17,6 +17,7 @@ sweep's jobs can be tabled side by side. Keys:
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import time
@@ -133,7 +134,11 @@ def inception_fid(weights: str, dataset: PreparedDataset, generated: np.ndarray,
         real = features(lambda a, b: dataset.batch(real_idx[a:b])[0], n_real, "inception (real)")
         mu_r, sigma_r = M.gaussian_stats(real)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, mu=mu_r, sigma=sigma_r)
+        # Temporary name + rename, like every other cache here: a killed run never leaves a torn .npz behind.
+        tmp = cache.with_name(f".tmp-{os.getpid()}-{cache.name}")
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu_r, sigma=sigma_r)
+        os.replace(tmp, cache)
     gen = features(lambda a, b: to_model_range(generated[a:b]), len(generated), "inception (generated)")
     return M.frechet_distance_to_stats(gen, mu_r, sigma_r), n_real
 
