@@ -175,7 +175,7 @@ def test_sigkill_at_chosen_points_resumes_bit_exact(reference, tmp_path):
 
     # Resumed from checkpoint 4 (grids at 8 and 12), killed while sampling the final grid: after the final
     # checkpoint, before the export. The rerun then only samples and exports.
-    _killed(_train(run_dir, cache, fault="ldm_users.training.ldm_stage:make_grid:3:kill"))
+    _killed(_train(run_dir, cache, fault="ldm_users.training.ldm_stage:user_rows_grid:3:kill"))
     assert ckpt.latest_checkpoint(ldm_ckpts).name == f"checkpoint-{STEPS:07d}"
     assert not torn.exists()  # the next save cleaned up the torn folder
     assert not (run_dir / "export").exists()
