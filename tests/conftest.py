@@ -39,7 +39,7 @@ def compose(*overrides: str):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, session_cache):
     """One finished two-stage smoke run (VAE + tiny UNet + export), shared by tests that only read it."""
-    from ldm_users.train import run
+    from ldm_users.cli.train import run
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     cfg = compose("experiment=smoke", "logger=none", f"+run_dir={run_dir}")

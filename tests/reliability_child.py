@@ -12,7 +12,7 @@
                                             each time a checkpoint is saved (ranks must hold identical weights)
 
 The patches stand in for real faults at points a test cannot hit reliably from outside by timing alone.
-Everything else is the real entry point, `ldm_users.train.main`, with the command-line arguments given.
+Everything else is the real entry point, `ldm_users.cli.train.main`, with the command-line arguments given.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ if __name__ == "__main__":
         _install_nan_loss(os.environ["LDM_TEST_NAN_LOSS"])
     if os.environ.get("LDM_TEST_DUMP_WEIGHTS"):
         _install_weight_dump(os.environ["LDM_TEST_DUMP_WEIGHTS"])
-    from ldm_users.train import main
+    from ldm_users.cli.train import main
 
     sys.argv[0] = "ldm-train"
     main()

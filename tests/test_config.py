@@ -54,7 +54,7 @@ def test_derived_values_follow_overrides():
 
 
 def test_command_line_override_and_cfg_job():
-    out = subprocess.run([sys.executable, "-m", "ldm_users.train", "--cfg", "job", "model=unet_light",
+    out = subprocess.run([sys.executable, "-m", "ldm_users.cli.train", "--cfg", "job", "model=unet_light",
                           "hardware=gpu_8gb", "train.lr=2e-4"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
@@ -87,7 +87,7 @@ def test_user_count_mismatch_names_the_fix():
 
 
 def test_bad_override_exits_with_message_not_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ldm_users.train", "experiment=smoke", "logger=none",
+    out = subprocess.run([sys.executable, "-m", "ldm_users.cli.train", "experiment=smoke", "logger=none",
                           "model.denoiser.sample_size=4", f"hydra.run.dir={tmp_path}"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2

@@ -129,12 +129,12 @@ def test_unet_sd_on_gpu_8gb_does_not_fit_and_says_why():
 def test_cli_prints_a_verdict_per_profile_and_writes_json(tmp_path):
     env = dict(os.environ)
     run_dir = tmp_path / "diag"
-    proc = subprocess.run([sys.executable, "-m", "ldm_users.diagnose", "experiment=smoke", "diagnose.profiles=[cpu,gpu_8gb]",
+    proc = subprocess.run([sys.executable, "-m", "ldm_users.cli.diagnose", "experiment=smoke", "diagnose.profiles=[cpu,gpu_8gb]",
                            "model.denoiser.in_channels=3", f"hydra.run.dir={run_dir}"],
                           capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compatibility: model.denoiser.in_channels=3" in proc.stdout  # problems are printed, one per line
-    proc = subprocess.run([sys.executable, "-m", "ldm_users.diagnose", "experiment=smoke", "diagnose.profiles=[cpu,gpu_8gb]",
+    proc = subprocess.run([sys.executable, "-m", "ldm_users.cli.diagnose", "experiment=smoke", "diagnose.profiles=[cpu,gpu_8gb]",
                            f"hydra.run.dir={run_dir}"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((run_dir / "diagnose.json").read_text())

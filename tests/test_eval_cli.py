@@ -61,7 +61,7 @@ def _check_metrics(metrics: dict, guidance: float, export: Path):
 def test_ldm_eval_guidance_sweep_end_to_end(tiny_run, tmp_path):
     weights = _random_inception(tmp_path / "pt_inception-random.pth")
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "ldm_users.eval", "-m", f"export_path={tiny_run['run_dir']}", "logger=none",
+    cmd = [sys.executable, "-m", "ldm_users.cli.eval", "-m", f"export_path={tiny_run['run_dir']}", "logger=none",
            *TINY_DATA, *FAST, f"eval.inception_weights={weights}", "eval.max_real_images=4",
            "sampler.guidance_scale=1,3", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=os.environ.copy(), capture_output=True, text=True, timeout=600,
@@ -88,7 +88,7 @@ def test_ldm_eval_guidance_sweep_end_to_end(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_ldm_train_evaluates_the_export_when_enabled(tiny_run, tmp_path):
-    from ldm_users.train import run
+    from ldm_users.cli.train import run
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run["run_dir"], run_dir)  # resumes at its last step: no training, export + eval only
@@ -116,7 +116,7 @@ def test_eval_config_and_the_run_data_settings(tmp_path):
     from omegaconf import OmegaConf
 
     from ldm_users.config import compose as compose_any
-    from ldm_users.eval import adopt_run_data, resolve_export
+    from ldm_users.cli.eval import adopt_run_data, resolve_export
 
     cfg = compose_any(["export_path=x"], config_name="eval")
     assert {"data", "sampler", "paths", "logger", "hardware", "eval"} <= set(cfg)
@@ -143,4 +143,4 @@ def test_eval_config_and_the_run_data_settings(tmp_path):
 
 
 def test_console_script_is_declared():
-    assert 'ldm-eval = "ldm_users.eval:main"' in (REPO / "pyproject.toml").read_text()
+    assert 'ldm-eval = "ldm_users.cli.eval:main"' in (REPO / "pyproject.toml").read_text()

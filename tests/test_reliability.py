@@ -58,7 +58,7 @@ def _env(cache: Path, **extra) -> dict:
 
 
 def _command(run_dir: Path, *overrides: str, child: bool = False) -> list[str]:
-    entry = [str(CHILD)] if child else ["-m", "ldm_users.train"]
+    entry = [str(CHILD)] if child else ["-m", "ldm_users.cli.train"]
     return [sys.executable, *entry, *run_args(f"hydra.run.dir={run_dir}", *overrides)]
 
 
@@ -376,7 +376,7 @@ def test_bad_data_policy_strict_and_empty_user(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_bad_corpus_logs_skipped_count(reference, tmp_path):
-    from ldm_users.train import run
+    from ldm_users.cli.train import run
 
     root = tmp_path / "corpus"
     _write_corpus(root)
@@ -417,7 +417,7 @@ def test_nan_streak_stops_with_message_and_intact_checkpoint(reference, tmp_path
 def test_few_nan_steps_are_skipped_not_applied(reference, tmp_path, monkeypatch, stage):
     import torch.nn.functional as F
 
-    from ldm_users.train import run
+    from ldm_users.cli.train import run
 
     loss_fn = "l1_loss" if stage == "vae" else "mse_loss"
     real, calls = getattr(F, loss_fn), [0]
@@ -633,7 +633,7 @@ class _FlakyRun:
 def test_tracker_faults_never_stop_training(reference, tmp_path, monkeypatch, caplog, fault):
     import wandb
 
-    from ldm_users.train import run
+    from ldm_users.cli.train import run
 
     def init(*args, **kwargs):
         if fault == "at_start":

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ldm_users.errors import DataError
-from ldm_users.report import accuracy_key, fd_key, make_report
+from ldm_users.cli.report import accuracy_key, fd_key, make_report
 from ldm_users.tracking import LocalTracker
 from tests.conftest import compose
 
@@ -131,6 +131,6 @@ def test_no_jobs_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no job dirs under"):
         make_report([tmp_path / "empty"])
-    out = subprocess.run([sys.executable, "-m", "ldm_users.report", str(tmp_path / "missing")],
+    out = subprocess.run([sys.executable, "-m", "ldm_users.cli.report", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "is not a directory" in out.stderr and "Traceback" not in out.stderr

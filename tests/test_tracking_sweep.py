@@ -25,7 +25,7 @@ from tests.wandb_offline import history, inspect_records, inspect_summary, offli
 
 def _ldm_train(args: list[str], cwd: Path, prelude: str = "") -> subprocess.CompletedProcess:
     """`ldm-train ARGS` in a fresh interpreter (the same as the console script), optionally after `prelude`."""
-    code = f"{prelude}\nimport sys\nfrom ldm_users.train import main\nsys.argv = ['ldm-train', *{args!r}]\nmain()\n"
+    code = f"{prelude}\nimport sys\nfrom ldm_users.cli.train import main\nsys.argv = ['ldm-train', *{args!r}]\nmain()\n"
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -159,7 +159,7 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group_and_a_report(tiny_run
     status = json.loads((sweep_dir / "sweep_status.json").read_text())
     assert status["jobs"] == 2 and status["failed"] == 0
 
-    report = subprocess.run([sys.executable, "-m", "ldm_users.report", str(sweep_dir)], capture_output=True,
+    report = subprocess.run([sys.executable, "-m", "ldm_users.cli.report", str(sweep_dir)], capture_output=True,
                             text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     with open(sweep_dir / "report" / "report.csv") as f:
@@ -233,12 +233,12 @@ def test_submitit_local_multirun_completes(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_write_one_run_dir_and_one_wandb_run(tmp_path):
-    """What `accelerate launch --num_processes 2 -m ldm_users.train ...` does, on CPU: torchrun + gloo."""
+    """What `accelerate launch --num_processes 2 -m ldm_users.cli.train ...` does, on CPU: torchrun + gloo."""
     env = {**os.environ, "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     args = ["experiment=smoke", "model=unet_tiny", "vae_train.max_steps=2", "train.max_steps=2",
             "train.log_interval=1", "sampler.num_inference_steps=2"]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ldm_users.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          "-m", "ldm_users.cli.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = [p for p in (tmp_path / "outputs" / "runs").iterdir() if p.is_dir()]

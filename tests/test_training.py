@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ldm_users.errors import CheckpointError
 from ldm_users.pipeline import UserLDMPipeline
-from ldm_users.train import run
+from ldm_users.cli.train import run
 from ldm_users.training import checkpoint as ckpt
 from tests.conftest import compose
 
@@ -34,7 +34,7 @@ def test_stage_vae_then_stage_ldm_and_loss_drops(tmp_path):
             metrics.append(m)
 
     orig = tracking.make_tracker
-    import ldm_users.train as train_mod
+    import ldm_users.cli.train as train_mod
 
     train_mod.make_tracker = lambda *a, **k: Recorder()
     try:
@@ -58,7 +58,7 @@ def test_exact_resume_in_a_fresh_process(tmp_path):
     _run(straight, *common)
     _run(split, *common, "train.stop_at_step=10")
     assert [p.name for p in ckpt.list_checkpoints(split / "ldm" / "checkpoints")] == ["checkpoint-0000010"]
-    out = subprocess.run([sys.executable, "-m", "ldm_users.train", "experiment=smoke", "logger=none",
+    out = subprocess.run([sys.executable, "-m", "ldm_users.cli.train", "experiment=smoke", "logger=none",
                           f"hydra.run.dir={split}", *common], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resumed from" in out.stderr + out.stdout
@@ -103,7 +103,7 @@ def test_export_pipeline_matches_ldm_sample(tiny_run, tmp_path):
     images = pipe(users=["user_01", 3], num_inference_steps=10, guidance_scale=3.0, generator=g,
                   show_progress=False).images
     assert len(images) == 2 and images[0].size == (32, 32)
-    out = subprocess.run([sys.executable, "-m", "ldm_users.sample", f"model_path={export}", "users=[user_01,3]",
+    out = subprocess.run([sys.executable, "-m", "ldm_users.cli.sample", f"model_path={export}", "users=[user_01,3]",
                           "num_images=1", "seed=5", "sampler.num_inference_steps=10", "sampler.guidance_scale=3.0",
                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -125,7 +125,7 @@ def test_sampling_from_a_checkpoint_uses_ema_weights(tiny_run):
 
 
 def test_unknown_user_is_a_clear_error(tiny_run, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ldm_users.sample", f"model_path={tiny_run['export']}",
+    out = subprocess.run([sys.executable, "-m", "ldm_users.cli.sample", f"model_path={tiny_run['export']}",
                           "users=[nobody]", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "unknown user 'nobody'" in out.stderr and "Traceback" not in out.stderr
 

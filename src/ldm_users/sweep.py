@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import LdmUsersError
+from ldm_users.runtime import hydra_config, is_main_rank, is_multirun, world_size
 
 log = logging.getLogger("ldm_users.sweep")
 
@@ -32,27 +33,8 @@ STATUS_FILE = "status.json"
 SWEEP_STATUS_FILE = "sweep_status.json"
 
 
-def _hydra():
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get()
-    except Exception:
-        return None
-
-
-def is_multirun() -> bool:
-    hc = _hydra()
-    return hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
-
-
-def is_main_rank() -> bool:
-    # Under `accelerate launch` every rank runs the Hydra app; only one may write the job's files.
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def job_info() -> dict:
-    hc = _hydra()
+    hc = hydra_config()
     if hc is None:
         return {"num": None, "name": "", "overrides": []}
     num = hc.job.get("num")
@@ -95,6 +77,7 @@ def reset_between_jobs() -> None:
 
 def run_job(fn: Callable[[DictConfig], Any], cfg: DictConfig, job_dir: Path) -> Any:
     """fn(cfg), with its outcome in `<job_dir>/status.json`; in a multirun a failure does not propagate."""
+    # Under `accelerate launch` every rank runs the Hydra app; only the main rank writes the job's files.
     multirun, main = is_multirun(), is_main_rank()
     info = job_info()
     started = time.time()
@@ -153,7 +136,7 @@ class SweepStatusCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
         overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.hydra", default=[]) or []]
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
+        if world_size() > 1 and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
             # Every rank runs the whole sweep; the default sweep dir holds the time each rank resolved it at,
             # which may differ by a second and split the ranks of one job into two dirs.
             print("error: a multirun under `accelerate launch` needs an explicit sweep dir shared by every rank: "

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_users.runtime import choice, hydra_config, is_multirun, override_dirname
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -89,19 +91,9 @@ def _hardware_profile() -> dict:
     return profile
 
 
-def _hydra_runtime():
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get()
-    except Exception:  # outside a Hydra app (tests, notebooks)
-        return None
-
-
 def run_name(cfg: DictConfig) -> str:
     """The job's overrides (e.g. `model=unet_light,hardware=gpu_8gb`): distinct for each job of a sweep."""
-    hc = _hydra_runtime()
-    overrides = hc.job.override_dirname if hc is not None else ""
+    overrides = override_dirname()
     if overrides:
         return overrides
     # ldm-eval's config has no model group: name the run by what it has.
@@ -114,12 +106,11 @@ def sweep_group(cfg: DictConfig) -> str | None:
     the same for every job of one multirun, whatever process or machine runs it, and new for the next one."""
     if cfg.get("logger") is not None and cfg.logger.get("group"):
         return str(cfg.logger.group)
-    hc = _hydra_runtime()
-    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
+    if not is_multirun():
         return None
-    name = Path(str(hc.sweep.dir)).name
-    experiment = hc.runtime.choices.get("experiment")
-    if experiment and experiment not in ("null", "None") and experiment not in name:
+    name = Path(str(hydra_config().sweep.dir)).name
+    experiment = choice("experiment")
+    if experiment and experiment not in name:
         name = f"{experiment}-{name}"
     return name
 
@@ -130,9 +121,8 @@ def run_tags(cfg: DictConfig, job_type: str) -> list[str]:
         node = cfg.get(key)
         if node is not None and node.get("name"):
             tags.append(f"{key}={node.name}")
-    hc = _hydra_runtime()
-    experiment = hc.runtime.choices.get("experiment") if hc is not None else None
-    if experiment and experiment not in ("null", "None"):
+    experiment = choice("experiment")
+    if experiment:
         tags.append(f"experiment={experiment}")
     tags.append(job_type)
     return list(dict.fromkeys(t[:64] for t in tags))  # W&B caps tags at 64 characters

@@ -21,9 +21,10 @@ from ldm_users.compat import check_compatibility
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError, exit_on_user_error
 from ldm_users.perf.configs import resolve_list, with_group
+from ldm_users.runtime import output_dir
 from ldm_users.perf.memory_model import GIB, ProfileReport, assess, parameter_counts, require_num_users
 
-log = logging.getLogger("ldm_users.diagnose")
+log = logging.getLogger("ldm_users.cli.diagnose")
 
 
 def choose_method(requested: str) -> str:
@@ -101,21 +102,12 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path(cfg.get("run_dir") or "outputs/diagnose/default")
-
-
 def run(cfg: DictConfig) -> dict:
     report = diagnose(cfg)
     for problem in report["compatibility_problems"]:
         print(f"compatibility: {problem}")
     print(to_markdown(report))
-    out = run_dir_of(cfg)
+    out = output_dir(cfg, default="outputs/diagnose/default")
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps(report, indent=1))
     (out / "diagnose.md").write_text(to_markdown(report))

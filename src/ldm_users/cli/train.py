@@ -7,26 +7,19 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ldm_users.compat import assert_compatible
 from ldm_users.config import config_dir
 from ldm_users.data.loading import bind_num_users, prepare_dataset
 from ldm_users.errors import ConfigError, exit_on_user_error
+from ldm_users.runtime import output_dir
 from ldm_users.sweep import run_job
 from ldm_users.tracking import make_tracker
 from ldm_users.training.common import make_accelerator
 
-log = logging.getLogger("ldm_users.train")
+log = logging.getLogger("ldm_users.cli.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise in the console
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # called outside a Hydra app (tests, notebooks)
-        return Path(cfg.get("run_dir") or "outputs/runs/default")
 
 
 def check_vae_matches(vae_dir: Path, cfg: DictConfig) -> None:
@@ -51,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"stage={stage}: use stage=vae, stage=ldm or stage=all.")
     if cfg.data.get("num_users") is not None:
         assert_compatible(cfg)  # cheap, before the dataset is decoded or a model is built
-    run_dir = run_dir_of(cfg)
+    run_dir = output_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     accelerator = make_accelerator(cfg)
@@ -112,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     # In a multirun a failed job is recorded in its status.json and the next job runs (see ldm_users.sweep).
-    run_job(run, cfg, run_dir_of(cfg))
+    run_job(run, cfg, output_dir(cfg))
 
 
 if __name__ == "__main__":

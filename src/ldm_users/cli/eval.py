@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError, exit_on_user_error
 
-log = logging.getLogger("ldm_users.eval")
+log = logging.getLogger("ldm_users.cli.eval")
 
 
 def resolve_export(path) -> Path:

@@ -1,6 +1,6 @@
 """ldm-report: the jobs of a sweep side by side, for people without W&B access.
 
-    ldm-report outputs/multirun/2026-01-01_12-00-00            # or: python -m ldm_users.report DIR [DIR ...]
+    ldm-report outputs/multirun/2026-01-01_12-00-00            # or: python -m ldm_users.cli.report DIR [DIR ...]
 
 Reads each job dir under the given dirs (a job dir holds .hydra/, and what the trainer and ldm-eval write:
 status.json, metrics.jsonl = what went to W&B, metrics.json = evaluation metrics) and writes to `<DIR>/report/`
