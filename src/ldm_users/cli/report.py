@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ldm_users.errors import DataError, exit_on_user_error
+from ldm_users.formatting import fmt
 from ldm_users.sweep import STATUS_FILE
 from ldm_users.tracking import METRICS_FILE, read_metrics
 
@@ -193,16 +194,6 @@ def _varying(rows: list[dict]) -> tuple[list[str], dict[int, str]]:
     return sorted(common), labels
 
 
-def _fmt(value, column: str = "") -> str:
-    if value is None:
-        return "-"
-    if column.startswith("params") and isinstance(value, (int, float)):
-        return f"{int(value):,}"  # exact: a sweep over model size compares these
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
 def write_tables(rows: list[dict], out_dir: Path, plots: list[Path] | None = None) -> tuple[Path, Path, list[str]]:
     eval_columns = sorted({k for r in rows for k in r["_eval"]})
     has_scale = any("guidance_scale" in r for r in rows)
@@ -229,7 +220,7 @@ def write_tables(rows: list[dict], out_dir: Path, plots: list[Path] | None = Non
     lines += ["| " + " | ".join(headers.get(c, c) for c in shown) + " |", "|" + "---|" * len(shown)]
     for i, row in enumerate(rows):
         values = {**row, **row["_eval"], "label": labels[i]}
-        lines.append("| " + " | ".join(_fmt(values.get(c), c) for c in shown) + " |")
+        lines.append("| " + " | ".join(fmt(values.get(c)) for c in shown) + " |")
     failed = [r for r in rows if r["status"] not in ("ok", "unknown")]
     if failed:
         lines += ["", "Failed jobs:", ""] + [f"- job {r['job']} (`{r['name']}`): {r['error']}" for r in failed]
