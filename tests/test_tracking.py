@@ -9,11 +9,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+import wandb
 from PIL import Image
 
-from ldm_users import wandb_tracker
 from ldm_users.tracking import METRICS_FILE, LocalTracker, NullTracker, make_tracker, read_metrics
-from ldm_users.wandb_tracker import WandbTracker, choose_mode
+from ldm_users.tracking import wandb as wandb_tracker
+from ldm_users.tracking.wandb import WandbTracker, choose_mode
 from tests.conftest import compose
 from tests.wandb_offline import history, inspect_records, inspect_summary, offline_runs, run_record
 
@@ -79,8 +80,6 @@ def test_offline_run_holds_resolved_config_metrics_images_summary_artifact(tmp_p
 
 
 def test_failed_job_is_marked_failed_and_an_open_run_never_gets_the_next_jobs_data(tmp_path):
-    import wandb
-
     cfg = compose("experiment=smoke")
     first = make_tracker(cfg, tmp_path / "a", "all")
     first.log({"train/loss": 1.0}, step=1)
@@ -129,8 +128,6 @@ def test_mode_choice(monkeypatch, tmp_path):
 
 
 def test_online_start_failure_falls_back_to_offline(tmp_path, monkeypatch, caplog):
-    import wandb
-
     real_init = wandb.init
 
     def init(**kwargs):
@@ -149,8 +146,6 @@ def test_online_start_failure_falls_back_to_offline(tmp_path, monkeypatch, caplo
 
 
 def test_tracking_faults_never_stop_training(tmp_path, monkeypatch):
-    import wandb
-
     cfg = compose("experiment=smoke")
     tracker = make_tracker(cfg, tmp_path / "live", "all")
 

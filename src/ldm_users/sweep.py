@@ -14,18 +14,21 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from accelerate.state import AcceleratorState, GradientState
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import LdmUsersError
+from ldm_users.io import write_json
 from ldm_users.runtime import hydra_config, is_main_rank, is_multirun, world_size
+from ldm_users.training.signals import TrainingInterrupted
 
 log = logging.getLogger("ldm_users.sweep")
 
@@ -43,20 +46,14 @@ def job_info() -> dict:
 
 
 def write_status(directory: Path, record: dict, name: str = STATUS_FILE) -> Path:
-    path = Path(directory) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)  # readers (the callback, ldm-report) never see half a file
-    return path
+    # Atomic: readers (the callback, ldm-report) never see half a file.
+    return write_json(Path(directory) / name, record, indent=2)
 
 
 def reset_between_jobs() -> None:
     """Free what a finished job held and reset per-job counters (jobs of a basic/joblib sweep share a process)."""
     gc.collect()
     try:
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             for device in range(torch.cuda.device_count()):
@@ -64,8 +61,6 @@ def reset_between_jobs() -> None:
     except Exception as err:  # never let housekeeping fail a job
         log.debug("CUDA reset skipped: %s", err)
     try:
-        from accelerate.state import AcceleratorState, GradientState
-
         # AcceleratorState is a process-wide singleton: without this, a second job asking for another
         # mixed precision raises "AcceleratorState has already been initialized". The distributed
         # PartialState (process group) is kept: it is the same for every job under `accelerate launch`.
@@ -91,8 +86,6 @@ def run_job(fn: Callable[[DictConfig], Any], cfg: DictConfig, job_dir: Path) -> 
         if isinstance(err, SystemExit) and err.code in (0, None):
             raise
         # A signal (SLURM preemption, Ctrl-C) stops the whole sweep: the job checkpointed and a rerun resumes it.
-        from ldm_users.training.signals import TrainingInterrupted
-
         interrupted = isinstance(err, (KeyboardInterrupt, TrainingInterrupted))
         record.update(status="interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}",
                       traceback="".join(traceback.format_exception(err)), finished_at=time.time(),

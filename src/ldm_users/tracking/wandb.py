@@ -14,9 +14,11 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import wandb
 from omegaconf import DictConfig
 
-from ldm_users.tracking import LocalTracker, hardware_profile, resolved_config, run_name, run_tags, sweep_group
+from ldm_users.tracking.base import METRICS_FILE, LocalTracker, resolved_config
+from ldm_users.tracking.naming import hardware_profile, run_name, run_tags, sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -76,29 +78,24 @@ class WandbTracker(LocalTracker):
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path, job_type: str) -> WandbTracker | LocalTracker:
         """A W&B run for this job, else (with one warning line) the local metrics file alone."""
-        try:
-            import wandb
-        except Exception as err:
-            log.warning("wandb cannot be imported (%s); tracking to %s only.", err, Path(run_dir) / "metrics.jsonl")
-            return LocalTracker(run_dir, job_type, cfg)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         mode, why_offline = choose_mode(cfg.logger.get("mode"))
         run = None
         try:
-            run = cls._init(wandb, cfg, run_dir, job_type, mode, silent=why_offline is not None)
+            run = cls._init(cfg, run_dir, job_type, mode, silent=why_offline is not None)
         except Exception as err:
             if mode != "online":
                 log.warning("W&B could not start (%s: %s); tracking to %s only.", type(err).__name__,
-                            str(err).splitlines()[0] if str(err) else "", Path(run_dir) / "metrics.jsonl")
+                            str(err).splitlines()[0] if str(err) else "", Path(run_dir) / METRICS_FILE)
                 return LocalTracker(run_dir, job_type, cfg)
             why_offline = f"W&B did not start online ({type(err).__name__})"
             mode = "offline"
         if run is None:
             try:
-                run = cls._init(wandb, cfg, run_dir, job_type, mode, silent=True)
+                run = cls._init(cfg, run_dir, job_type, mode, silent=True)
             except Exception as err:
                 log.warning("W&B could not start offline either (%s); tracking to %s only.", err,
-                            Path(run_dir) / "metrics.jsonl")
+                            Path(run_dir) / METRICS_FILE)
                 return LocalTracker(run_dir, job_type, cfg)
         if why_offline:
             offline_dir = Path(run.dir).parent
@@ -107,7 +104,7 @@ class WandbTracker(LocalTracker):
         return cls(run, Path(run_dir), job_type, cfg, mode)
 
     @staticmethod
-    def _init(wandb, cfg: DictConfig, run_dir: Path, job_type: str, mode: str, silent: bool):
+    def _init(cfg: DictConfig, run_dir: Path, job_type: str, mode: str, silent: bool):
         if wandb.run is not None:  # a run left open (e.g. by a failed job of this multirun) must not get our data
             wandb.finish(exit_code=1)
         lcfg = cfg.logger
@@ -147,8 +144,6 @@ class WandbTracker(LocalTracker):
         super().log_image(key, path, step, caption)
 
         def _image():
-            import wandb
-
             self._log({key: wandb.Image(str(path), caption=caption)}, step)
 
         self._safe(_image)
@@ -166,8 +161,6 @@ class WandbTracker(LocalTracker):
         super().log_artifact(path, name, type)
 
         def _artifact():
-            import wandb
-
             artifact = wandb.Artifact(name=_artifact_name(name), type=type)
             artifact.add_dir(str(path), policy="immutable")  # no copy of a multi-GB export; we never modify it
             self.run.log_artifact(artifact)

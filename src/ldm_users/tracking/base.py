@@ -1,4 +1,4 @@
-"""Experiment tracking behind one small interface; W&B or nothing. Tracking never stops training.
+"""The trackers without W&B (NullTracker, LocalTracker) and the local metrics file they share with it.
 
 Every tracker on the main process also appends what it tracks to `<run_dir>/metrics.jsonl` (one JSON object a
 line), so the same numbers W&B gets stay readable without W&B access (`ldm-report` reads them):
@@ -15,39 +15,36 @@ A resumed run appends a new "start" and continues the steps; readers keep the la
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_users.runtime import choice, hydra_config, is_multirun, override_dirname
+from ldm_users.tracking.naming import hardware_profile, run_name, run_tags, sweep_group
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def _jsonable(value):
+def jsonable(value):
     """Plain JSON types for tensors, numpy scalars and paths; anything else as its text."""
     if isinstance(value, (bool, int, str)) or value is None:
         return value
     if isinstance(value, float):
         return value
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item"):  # torch / numpy scalars
         try:
             return value.item()
         except (ValueError, RuntimeError):  # more than one element
-            return _jsonable(value.tolist())
+            return jsonable(value.tolist())
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -61,71 +58,6 @@ def resolved_config(cfg: DictConfig) -> dict:
     except Exception as err:  # e.g. ${hydra:...} outside a Hydra app: log what we can rather than nothing
         log.warning("config could not be fully resolved for tracking (%s); logging it unresolved.", err)
         return OmegaConf.to_container(cfg, resolve=False)
-
-
-def hardware_profile() -> dict:
-    """What this job actually runs on (the hardware=... profile only says what it was sized for)."""
-    return copy.deepcopy(_hardware_profile())
-
-
-@functools.lru_cache(maxsize=1)
-def _hardware_profile() -> dict:
-    import torch
-
-    profile = {"python": platform.python_version(), "platform": platform.platform(), "host": platform.node(),
-               "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
-               "world_size": int(os.environ.get("WORLD_SIZE", "1")), "gpu_count": 0}
-    for package in ("diffusers", "accelerate", "wandb"):
-        try:
-            profile[package] = __import__(package).__version__
-        except Exception:
-            pass
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        profile["gpu_count"] = count
-        profile["gpus"] = []
-        for i in range(count):
-            props = torch.cuda.get_device_properties(i)
-            profile["gpus"].append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 2),
-                                    "capability": f"{props.major}.{props.minor}"})
-    return profile
-
-
-def run_name(cfg: DictConfig) -> str:
-    """The job's overrides (e.g. `model=unet_light,hardware=gpu_8gb`): distinct for each job of a sweep."""
-    overrides = override_dirname()
-    if overrides:
-        return overrides
-    # ldm-eval's config has no model group: name the run by what it has.
-    parts = [f"{key}={cfg[key].name}" for key in ("model", "hardware") if cfg.get(key) is not None]
-    return ",".join(parts) or "default"
-
-
-def sweep_group(cfg: DictConfig) -> str | None:
-    """logger.group, else in a multirun the sweep: `<experiment>-<sweep dir name>` (a timestamp by default),
-    the same for every job of one multirun, whatever process or machine runs it, and new for the next one."""
-    if cfg.get("logger") is not None and cfg.logger.get("group"):
-        return str(cfg.logger.group)
-    if not is_multirun():
-        return None
-    name = Path(str(hydra_config().sweep.dir)).name
-    experiment = choice("experiment")
-    if experiment and experiment not in name:
-        name = f"{experiment}-{name}"
-    return name
-
-
-def run_tags(cfg: DictConfig, job_type: str) -> list[str]:
-    tags = [str(t) for t in (cfg.logger.get("tags") or [])] if cfg.get("logger") is not None else []
-    for key in ("model", "hardware", "vae"):
-        node = cfg.get(key)
-        if node is not None and node.get("name"):
-            tags.append(f"{key}={node.name}")
-    experiment = choice("experiment")
-    if experiment:
-        tags.append(f"experiment={experiment}")
-    tags.append(job_type)
-    return list(dict.fromkeys(t[:64] for t in tags))  # W&B caps tags at 64 characters
 
 
 class NullTracker:
@@ -180,7 +112,7 @@ class LocalTracker(NullTracker):
             return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            line = json.dumps(_jsonable({**record, "time": time.time()}))
+            line = json.dumps(jsonable({**record, "time": time.time()}))
             with open(self.metrics_path, "a", encoding="utf-8") as f:  # one line per write: a crash loses nothing
                 f.write(line + "\n")
         except Exception as err:  # a full disk must not stop training either
@@ -216,15 +148,3 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
-
-
-def make_tracker(cfg: DictConfig, run_dir: Path, job_type: str, is_main_process: bool = True):
-    """One tracker per job, on the main process only (under `accelerate launch` every rank calls this)."""
-    if not is_main_process:
-        return NullTracker(job_type)
-    logger = cfg.get("logger")
-    if logger is None or logger.get("name", "none") == "none":
-        return LocalTracker(run_dir, job_type, cfg)
-    from ldm_users.wandb_tracker import WandbTracker
-
-    return WandbTracker.start(cfg, run_dir, job_type)
