@@ -5,11 +5,12 @@ import subprocess
 import sys
 
 import pytest
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm_users.compat import assert_compatible, check_compatibility
 from ldm_users.errors import ConfigError
-from tests.conftest import compose
+from tests.conftest import REPO, compose
 
 MODELS = ["unet_sd", "unet_medium", "unet_light", "dit", "unet_tiny", "dit_tiny"]
 VAES = ["kl_128", "kl_tiny"]
@@ -38,7 +39,10 @@ def test_seed_values_of_the_planning_notes():
     assert list(vae.block_out_channels) == [128, 256, 512] and vae.latent_channels == 4 and vae.sample_size == 128
     p100 = compose("hardware=p100_16gb").hardware
     assert (p100.mixed_precision, p100.batch_size, p100.gradient_accumulation_steps) == ("fp16", 1, 4)
-    assert (p100.sample_interval, p100.save_interval) == (1000, 5000)
+    cadence = compose()  # run cadence is the run's, not the hardware's: the planning notes' 1000 / 5000
+    assert (cadence.train.sample_interval, cadence.train.save_interval) == (1000, 5000)
+    assert (cadence.vae_train.sample_interval, cadence.vae_train.save_interval) == (1000, 5000)
+    assert "sample_interval" not in p100 and "save_interval" not in p100
     small = compose("hardware=gpu_8gb").hardware
     assert small.gradient_checkpointing and small.gradient_accumulation_steps == 8 and small.memory_gb == 8
 
@@ -92,3 +96,27 @@ def test_bad_override_exits_with_message_not_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "set model.denoiser.sample_size=8" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("group,option,base", [("model", m, "unet") for m in MODELS if m.startswith("unet")]
+                         + [("model", "dit", "dit"), ("model", "dit_tiny", "dit"),
+                            ("vae", "kl_128", "kl"), ("vae", "kl_tiny", "kl")])
+def test_a_size_is_a_few_lines_naming_its_base(group, option, base):
+    text = (REPO / "conf" / group / f"{option}.yaml").read_text()
+    assert f"- _base_/{base}@_here_" in text and len(text.splitlines()) <= 15
+    cfg = compose(f"{group}={option}")
+    assert cfg[group].name == option and "???" not in OmegaConf.to_yaml(cfg[group])  # the size fills the base
+    assert "kind" not in cfg.model  # the kind of model is its backbone class, stated once
+
+
+def test_the_backbone_class_decides_the_checks():
+    cfg = compose("model=dit", "model.denoiser._target_=my.Backbone")
+    assert any("model.denoiser._target_=my.Backbone is not a known backbone" in p
+               for p in check_compatibility(cfg, dataset_num_users=31))
+
+
+def test_data_generate_is_a_target_node(tmp_path):
+    cfg = compose("data.num_users=2", "data.images_per_user=1", "data.resolution=16", f"data.root={tmp_path / 'd'}")
+    root = instantiate(cfg.data.generate)  # what prepare_dataset calls, once
+    assert root == tmp_path / "d" and sorted(p.name for p in root.iterdir() if p.is_dir()) == ["user_00", "user_01"]
+    assert compose("data=folder", "data.data_dir=/x").data.generate is None

@@ -140,6 +140,8 @@ def test_eval_config_and_the_run_data_settings(tmp_path):
     assert adopt_run_data(cfg, export, ["sampler.guidance_scale=2"]) == run_dir / ".hydra" / "config.yaml"
     assert cfg.data.num_users == 7 and cfg.data.resolution == 48
     assert cfg.data.root == f"{cfg.paths.cache_dir}/synthetic/u7"  # interpolations resolve in the eval config
+    # A run saved before data.generate existed still gets its generator, with the run's settings.
+    assert cfg.data.generate.num_users == 7 and cfg.data.generate.root == cfg.data.root
 
 
 def test_console_script_is_declared():

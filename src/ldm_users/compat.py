@@ -15,11 +15,21 @@ def _get(cfg: DictConfig, key: str):
     return OmegaConf.select(cfg, key, default=None)
 
 
+_DENOISER_KINDS = {"UNet2DConditionModel": "unet", "DiTTransformer2DModel": "dit"}
+
+
+def denoiser_kind(cfg: DictConfig) -> str | None:
+    """unet | dit, from the backbone class named in model.denoiser._target_ (None for an unknown class).
+    Interim: replaced by models.build.model_kind (one table with the pipeline's kind_of)."""
+    target = str(OmegaConf.select(cfg, "model.denoiser._target_", default=""))
+    return _DENOISER_KINDS.get(target.rsplit(".", 1)[-1])
+
+
 def check_compatibility(cfg: DictConfig, dataset_num_users: int | None = None) -> list[str]:
     problems: list[str] = []
     vae = cfg.vae.autoencoder
     den = cfg.model.denoiser
-    kind = cfg.model.kind
+    kind = denoiser_kind(cfg)
     resolution = int(cfg.data.resolution)
 
     latent_channels = int(vae.latent_channels)
@@ -79,7 +89,8 @@ def check_compatibility(cfg: DictConfig, dataset_num_users: int | None = None) -
         model_users = den.num_embeds_ada_norm
         users_key = "model.denoiser.num_embeds_ada_norm"
     else:
-        problems.append(f"model.kind={kind} is unknown: use unet or dit.")
+        problems.append(f"model.denoiser._target_={den.get('_target_')} is not a known backbone: use "
+                        f"diffusers.UNet2DConditionModel or diffusers.DiTTransformer2DModel (e.g. model=unet_medium).")
         model_users = None
         users_key = ""
 

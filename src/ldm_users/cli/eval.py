@@ -44,6 +44,9 @@ def adopt_run_data(cfg: DictConfig, export: Path, overrides: list[str]) -> Path 
         if saved.exists():
             data = OmegaConf.load(saved).get("data")
             if data is not None:
+                if data.get("name") == cfg.data.get("name"):
+                    # The same data group: keys added to it since that run (e.g. data.generate) keep their default.
+                    data = OmegaConf.merge(cfg.data, data)
                 with open_dict(cfg):
                     cfg.data = data  # interpolations (paths.cache_dir ...) resolve against this config
                 log.info("eval: data settings from %s (data=%s)", saved, data.get("name"))

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ldm_users.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
 from ldm_users.errors import DataError
+from ldm_users.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -165,20 +165,16 @@ def prepare_folder(data_dir, cache_dir, resolution: int, center_crop: bool = Tru
     if small > 5:
         log.warning("%d images were smaller than data.resolution=%d and were upscaled", small, resolution)
 
-    # Write to a temporary folder and rename: a killed run never leaves a half-written prepared dataset.
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "images.npy", np.stack(arrays))
-    np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-    meta = {"users": scan.users, "fingerprint": key, "resolution": resolution, "center_crop": center_crop,
-            "paths": [os.fsdecode(p) if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape")
-                      .decode("utf-8", "replace") for p in paths],
-            "skipped": [[p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), r] for p, r in skipped],
-            "small_images": small}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
+    # Written aside and renamed into place: a killed run never leaves a half-written prepared dataset; a process
+    # that finished the same entry first wins (same key, identical content).
+    with atomic_path(target, directory=True, keep_existing=True) as tmp:
+        np.save(tmp / "images.npy", np.stack(arrays))
+        np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+        meta = {"users": scan.users, "fingerprint": key, "resolution": resolution, "center_crop": center_crop,
+                "paths": [os.fsdecode(p) if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape")
+                          .decode("utf-8", "replace") for p in paths],
+                "skipped": [[p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), r]
+                            for p, r in skipped],
+                "small_images": small}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return PreparedDataset(target)

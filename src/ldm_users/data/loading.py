@@ -1,13 +1,19 @@
-"""From the data config to a prepared dataset, with the user count bound into the config."""
+"""From the data config to a prepared dataset, with the user count bound into the config.
+
+A generated dataset (`data=synthetic`, `data=fonts`) names its generator as a `_target_` node, `data.generate`,
+called with the data settings to write the folder dataset at `data.root` once (later calls find it complete and
+return at once); `data=folder` has `generate: null` and reads `data.data_dir` as it is. Both then go through
+the same folder code.
+"""
 
 from __future__ import annotations
 
 import logging
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from ldm_users.data.folder import PreparedDataset, prepare_folder
-from ldm_users.data.synthetic import generate
 from ldm_users.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -15,11 +21,11 @@ log = logging.getLogger(__name__)
 
 def prepare_dataset(cfg: DictConfig, show_progress: bool = True) -> PreparedDataset:
     data = cfg.data
-    if data.name == "synthetic":
-        if not data.num_users or int(data.num_users) < 1:
-            raise ConfigError(f"data.num_users={data.num_users}: the synthetic dataset needs at least one user.")
-        generate(data.root, int(data.num_users), int(data.images_per_user), int(data.resolution),
-                 int(data.generator_seed))
+    if data.get("generate") is not None:
+        if data.get("num_users") is not None and int(data.num_users) < 1:
+            raise ConfigError(f"data.num_users={data.num_users}: a generated dataset (data={data.name}) needs at "
+                              f"least one user.")
+        instantiate(data.generate)
     elif data.get("data_dir") in (None, "???"):
         raise ConfigError("data=folder needs data.data_dir=/path/to/images (one subfolder per user).")
     return prepare_folder(data.root, cfg.paths.cache_dir, int(data.resolution), bool(data.center_crop),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import colorsys
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
@@ -20,9 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm_users.io import atomic_path
+
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "diamond")
 BG_VALUE, FG_VALUE = 0.42, 0.95  # dark backgrounds, bright shapes: the oracle separates them by brightness
 BG_SAT, FG_SAT = 0.75, 0.85
+COMPLETE = ".complete"  # written last: a dataset folder without it is incomplete
 
 
 @dataclass(frozen=True)
@@ -103,22 +105,17 @@ def generate(root: str | os.PathLike, num_users: int = 31, images_per_user: int 
              seed: int = 1234) -> Path:
     """Write the dataset to root/<user>/<nnnn>.png once; deterministic in (num_users, images_per_user, seed)."""
     root = Path(root)
-    done = root / ".complete"
-    if done.exists():
+    if (root / COMPLETE).exists():
         return root
-    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for u, (style, name) in enumerate(zip(user_styles(num_users), user_names(num_users))):
-        rng = np.random.default_rng([seed, u])
-        (tmp / name).mkdir(parents=True)
-        for i in range(images_per_user):
-            render(style, rng, resolution).save(tmp / name / f"{i:04d}.png")
-    (tmp / ".complete").write_text("ok\n")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # written meanwhile by another process: same bytes
+    # Written aside and renamed into place, so root only ever appears complete; a process that finished the same
+    # dataset first wins (same bytes).
+    with atomic_path(root, directory=True, keep_existing=True) as tmp:
+        for u, (style, name) in enumerate(zip(user_styles(num_users), user_names(num_users))):
+            rng = np.random.default_rng([seed, u])
+            (tmp / name).mkdir()
+            for i in range(images_per_user):
+                render(style, rng, resolution).save(tmp / name / f"{i:04d}.png")
+        (tmp / COMPLETE).write_text("ok\n")
     return root
 
 
