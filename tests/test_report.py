@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from ldm_users.errors import DataError
-from ldm_users.cli.report import accuracy_key, fd_key, make_report
+from ldm_users.cli.report import make_report
+from ldm_users.reporting.jobs import JobRow
+from ldm_users.reporting.plots import fd_key
 from ldm_users.tracking import LocalTracker
 from tests.conftest import compose
 
@@ -64,7 +66,7 @@ def test_report_of_a_training_sweep(tmp_path):
     assert len(table) == 1 + 3  # header + one row per job
     assert table[1].startswith("| 0 | model=unet_tiny | ok | unet_tiny | cpu | 792,964 | 20 | 0.7 |")
     assert "- job 2 (`experiment=smoke,model=unet_tiny`): RuntimeError: boom" in markdown
-    curves = {r["job"]: r["_curves"]["ldm"] for r in result["rows"]}
+    curves = {r.columns["job"]: r.curves["ldm"] for r in result["rows"]}
     assert curves[0] == [(10, 1.0), (20, 0.7)]  # the resumed run's value for step 20 wins
     with Image.open(result["loss_plot"]) as plot:
         assert plot.size[0] > 600 and plot.size[1] > 300
@@ -77,7 +79,8 @@ def test_report_of_an_eval_sweep_over_guidance_scale(tmp_path):
         job = sweep / f"{num}_sampler.guidance_scale={scale}"
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "config.yaml").write_text(f"model:\n  name: unet_tiny\nsampler:\n  guidance_scale: {scale}\n")
-        metrics = {"accuracy": acc, "fd": fd, "num_images": 64, "extra": {"kid": fd / 100}}  # nested: flattened
+        metrics = {"user_acc/top1": acc, "fd/classifier": fd, "num_images": 64,
+                   "extra": {"kid": fd / 100}}  # nested: flattened
         if num == 0:
             metrics["guidance_scale"] = scale  # in metrics.json for one job, only in its config for the others
         (job / "metrics.json").write_text(json.dumps(metrics))
@@ -85,15 +88,16 @@ def test_report_of_an_eval_sweep_over_guidance_scale(tmp_path):
     with open(result["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert [float(r["guidance_scale"]) for r in rows] == [1.0, 2.0, 3.0]
-    assert [float(r["accuracy"]) for r in rows] == [0.55, 0.8, 0.9]
-    assert [float(r["fd"]) for r in rows] == [40.0, 35.5, 52.0]
+    assert [float(r["user_acc/top1"]) for r in rows] == [0.55, 0.8, 0.9]
+    assert [float(r["fd/classifier"]) for r in rows] == [40.0, 35.5, 52.0]
     assert float(rows[1]["extra/kid"]) == 0.355 and rows[0]["model"] == "unet_tiny"
     assert result["eval_plot"] == tmp_path / "out" / "eval.png" and result["eval_plot"].exists()
     assert result["loss_plot"] is None  # nothing was trained here
     markdown = result["markdown"].read_text()
     assert "eval.png" in markdown and "loss_curves" not in markdown
     assert "final loss" not in markdown  # no columns empty in every row
-    assert "| model | guidance_scale | accuracy | extra/kid | fd | num_images |" in markdown
+    # The headline metrics only; the rest (extra/kid, num_images) is in report.csv.
+    assert "| model | guidance_scale | user_acc/top1 | fd/classifier |" in markdown and "extra/kid" not in markdown
 
 
 def test_report_reads_ldm_evals_metrics(tmp_path):
@@ -117,14 +121,12 @@ def test_report_reads_ldm_evals_metrics(tmp_path):
     assert result["eval_plot"].exists()  # accuracy against FD(classifier), since FD(inception) is null
 
 
-def test_metric_keys_are_found_by_name():
-    keys = ["eval/fd", "eval/user_accuracy", "num_images"]
-    assert accuracy_key(keys) == "eval/user_accuracy" and fd_key(keys) == "eval/fd"
-    assert fd_key(["fid_inception", "loss"]) == "fid_inception" and accuracy_key(["loss"]) is None
-    ldm_eval = ["user_acc/chance", "user_acc/top5", "user_acc/top1", "fd/classifier_real_holdout", "fd/classifier",
-                "fd/inception"]
-    assert accuracy_key(ldm_eval) == "user_acc/top1" and fd_key(ldm_eval) == "fd/inception"
-    assert fd_key(ldm_eval[:-1]) == "fd/classifier"
+def test_fd_is_inception_when_computed_else_classifier():
+    def job(**metrics):
+        return JobRow(columns={}, evaluation=metrics)
+
+    assert fd_key([job(**{"fd/classifier": 1.0}), job(**{"fd/inception": 2.0, "fd/classifier": 1.0})]) == "fd/inception"
+    assert fd_key([job(**{"fd/classifier": 1.0})]) == "fd/classifier" and fd_key([job(loss=1.0)]) is None
 
 
 def test_no_jobs_is_a_clear_error(tmp_path):
