@@ -17,6 +17,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError, exit_on_user_error
+from ldm_users.evaluation.evaluate import evaluate_export, log_to_tracker
+from ldm_users.evaluation.provenance import adopt_trained_settings, trained_identity, trained_run_dir
+from ldm_users.formatting import fmt
+from ldm_users.runtime import is_multirun, override_dirname
+from ldm_users.tracking import make_tracker
 
 log = logging.getLogger("ldm_users.cli.eval")
 
@@ -31,47 +36,47 @@ def resolve_export(path) -> Path:
     return path
 
 
-def _data_overridden(overrides: list[str]) -> bool:
-    return any(o.lstrip("+~").split("=")[0].split(".")[0] == "data" for o in overrides)
+def eval_tracker(cfg: DictConfig, export: Path, out_dir: Path):
+    """The evaluation's metrics go where its model's are.
 
-
-def adopt_run_data(cfg: DictConfig, export: Path, overrides: list[str]) -> Path | None:
-    """Use the data settings of the run that made the export, unless the command line sets data itself."""
-    if _data_overridden(overrides):
-        return None
-    for run_dir in (export, export.parent):
-        saved = run_dir / ".hydra" / "config.yaml"
-        if saved.exists():
-            data = OmegaConf.load(saved).get("data")
-            if data is not None:
-                if data.get("name") == cfg.data.get("name"):
-                    # The same data group: keys added to it since that run (e.g. data.generate) keep their default.
-                    data = OmegaConf.merge(cfg.data, data)
-                with open_dict(cfg):
-                    cfg.data = data  # interpolations (paths.cache_dir ...) resolve against this config
-                log.info("eval: data settings from %s (data=%s)", saved, data.get("name"))
-                return saved
-    return None
+    ldm-eval on a run dir (once) writes into that run's own W&B run, under `eval/`. An export outside a run dir,
+    or a multirun (several settings of one model cannot share one summary), gets a run of its own that consumes
+    the export as an artifact (W&B's lineage graph links them), named and grouped after the trained run.
+    """
+    run_dir = trained_run_dir(export)
+    if run_dir is not None and not is_multirun():
+        settings = {"eval": OmegaConf.to_container(cfg.eval, resolve=True),
+                    "eval_sampler": OmegaConf.to_container(cfg.sampler, resolve=True)}
+        return make_tracker(cfg, run_dir, "eval", join=True, config=settings)
+    identity = trained_identity(export)
+    with open_dict(cfg):
+        if identity.get("group") and not cfg.logger.get("group"):
+            cfg.logger.group = identity["group"]
+        if not cfg.logger.get("run_name"):
+            trained_name = identity.get("name") or OmegaConf.select(cfg, "model.name") or export.name
+            cfg.logger.run_name = "-".join(filter(None, [trained_name, "eval", override_dirname()]))
+    tracker = make_tracker(cfg, out_dir, "eval")
+    tracker.use_artifact(export, name=f"export-{OmegaConf.select(cfg, 'model.name') or 'model'}", type="model")
+    return tracker
 
 
 def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict:
-    from ldm_users.evaluation.evaluate import evaluate_export, log_to_tracker
-    from ldm_users.tracking import make_tracker
-
     export = resolve_export(cfg.export_path)
-    adopt_run_data(cfg, export, list(overrides or []))
-    tracker = make_tracker(cfg, out_dir, "eval", True)
+    adopt_trained_settings(cfg, export, list(overrides or []))
+    tracker = eval_tracker(cfg, export, out_dir)
     exit_code = 1
     try:
         metrics = evaluate_export(cfg, export, out_dir)
-        log_to_tracker(tracker, metrics)
+        log_to_tracker(tracker, metrics, prefix="eval/")
         exit_code = 0
     finally:
         tracker.finish(exit_code)
-    print(f"ldm-eval: user top-1 {metrics['user_acc/top1']:.3f} (chance {metrics['user_acc/chance']:.3f}, "
-          f"classifier held-out {metrics['classifier/holdout_top1']}), FD(classifier) {metrics['fd/classifier']:.4g}, "
-          f"KID {metrics['kid/classifier']:.4g}, FID(Inception) {metrics['fd/inception']}, diversity ratio "
-          f"{metrics['diversity/ratio']}, memorization ratio {metrics['memorization/ratio']}\n"
+    print(f"ldm-eval: user top-1 {fmt(metrics['user_acc/top1'], 3)} (chance {fmt(metrics['user_acc/chance'], 3)}, "
+          f"classifier on held-out real images {fmt(metrics['classifier/holdout_top1'], 3)}), "
+          f"FD(classifier) {fmt(metrics['fd/classifier'], 3)} (real held-out {fmt(metrics['fd/classifier_real_holdout'], 3)}), "
+          f"KID {fmt(metrics['kid/classifier'], 3)}, FID(Inception) {fmt(metrics['fd/inception'], 3)}, "
+          f"diversity ratio {fmt(metrics['diversity/ratio'], 3)}, memorisation ratio "
+          f"{fmt(metrics['memorization/ratio'], 3)}\n"
           f"ldm-eval: {out_dir / 'metrics.json'}, {out_dir / 'grid.png'}")
     return metrics
 

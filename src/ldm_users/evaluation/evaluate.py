@@ -289,6 +289,10 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
         "data_name": str(cfg.data.name),
         "resolution": dataset.resolution,
     }
+    for key in ("model", "vae", "hardware"):  # what was trained, beside what it scored (ldm-report's columns)
+        name = OmegaConf.select(cfg, f"{key}.name", default=None)
+        if name:
+            metrics[key] = str(name)
     metrics.update(compute_metrics(clf, dataset, generated, gen_labels, ecfg, oracle=cfg.data.name == "synthetic"))
 
     weights = ecfg.get("inception_weights")
@@ -308,9 +312,28 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
     return metrics
 
 
+PER_USER = "per_user/"
+
+
+def per_user_table(metrics: dict) -> tuple[list[str], list[list]]:
+    """The `per_user/<user>/<metric>` entries as one table: a row per user, a column per metric."""
+    rows: dict[str, dict] = {}
+    for key, value in metrics.items():
+        if key.startswith(PER_USER):
+            user, _, name = key[len(PER_USER):].rpartition("/")
+            rows.setdefault(user, {})[name] = value
+    columns = sorted({name for row in rows.values() for name in row})
+    return ["user", *columns], [[user, *(row.get(c) for c in columns)] for user, row in rows.items()]
+
+
 def log_to_tracker(tracker, metrics: dict, prefix: str = "") -> None:
-    """Metrics into the run summary (W&B shows them in the runs table), the grid as an image."""
-    tracker.set_summary({f"{prefix}{k}": v for k, v in metrics.items()})
+    """Aggregates into the run summary (the runs table, parallel coordinates), per-user figures as one table (its
+    size grows with the users, the summary's does not), the grid as an image with a caption."""
+    summary = {f"{prefix}{k}": v for k, v in metrics.items() if not k.startswith(PER_USER) and k != "grid"}
+    tracker.set_summary(summary)
+    columns, rows = per_user_table(metrics)
+    if rows:
+        tracker.log_table(f"{prefix}per_user", columns, rows)
     if metrics.get("grid"):
         tracker.log_image(f"{prefix}grid", metrics["grid"], caption="per user: generated | real")
 

@@ -22,8 +22,13 @@ __all__ = ["METRICS_FILE", "LocalTracker", "NullTracker", "hardware_profile", "j
            "read_metrics", "resolved_config", "run_name", "run_tags", "sweep_group"]
 
 
-def make_tracker(cfg: DictConfig, run_dir: Path, job_type: str, is_main_process: bool = True):
-    """One tracker per job, on the main process only (under `accelerate launch` every rank calls this)."""
+def make_tracker(cfg: DictConfig, run_dir: Path, job_type: str, is_main_process: bool = True, join: bool = False,
+                 config: dict | None = None):
+    """One tracker per job, on the main process only (under `accelerate launch` every rank calls this).
+
+    join=True continues the W&B run already tracking `run_dir` (e.g. ldm-eval on a run dir) without renaming,
+    regrouping or retagging it; `config` is then what it adds to that run's config.
+    """
     if not is_main_process:
         return NullTracker(job_type)
     logger = cfg.get("logger")
@@ -34,4 +39,4 @@ def make_tracker(cfg: DictConfig, run_dir: Path, job_type: str, is_main_process:
     except Exception as err:
         log.warning("wandb cannot be imported (%s); tracking to %s only.", err, Path(run_dir) / METRICS_FILE)
         return LocalTracker(run_dir, job_type, cfg)
-    return WandbTracker.start(cfg, run_dir, job_type)
+    return WandbTracker.start(cfg, run_dir, job_type, config=config, join=join)

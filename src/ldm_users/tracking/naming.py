@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.runtime import choice, hydra_config, is_multirun, override_dirname, world_size
 
@@ -41,7 +41,10 @@ def _hardware_profile() -> dict:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """The job's overrides (e.g. `model=unet_light,hardware=gpu_8gb`): distinct for each job of a sweep."""
+    """logger.run_name, else the job's overrides (e.g. `model=unet_light,hardware=gpu_8gb`): distinct for each job
+    of a sweep."""
+    if cfg.get("logger") is not None and cfg.logger.get("run_name"):
+        return str(cfg.logger.run_name)
     overrides = override_dirname()
     if overrides:
         return overrides
@@ -75,3 +78,27 @@ def run_tags(cfg: DictConfig, job_type: str) -> list[str]:
         tags.append(f"experiment={experiment}")
     tags.append(job_type)
     return list(dict.fromkeys(t[:64] for t in tags))  # W&B caps tags at 64 characters
+
+
+# Top-level config keys a W&B panel groups, filters and plots runs by (parallel coordinates over a model-size sweep:
+# model, lr, batch, guidance -> loss, accuracy). The nested config is logged too; these save digging for the key.
+_COMPARE = {"model": "model.name", "vae": "vae.name", "hardware": "hardware.name", "data": "data.name",
+            "resolution": "data.resolution", "users": "data.num_users", "lr": "train.lr",
+            "batch_per_device": "hardware.batch_size", "grad_accum": "hardware.gradient_accumulation_steps",
+            "p_uncond": "train.p_uncond", "ema_decay": "train.ema.decay", "max_steps": "train.max_steps",
+            "prediction_type": "train.prediction_type", "sampler": "sampler.name",
+            "guidance_scale": "sampler.guidance_scale", "sampling_steps": "sampler.num_inference_steps"}
+
+
+def compare_keys(cfg: DictConfig) -> dict:
+    out = {}
+    for name, key in _COMPARE.items():
+        try:
+            value = OmegaConf.select(cfg, key, default=None)
+        except Exception:  # an interpolation that cannot resolve here (e.g. ${hydra:...} outside an app)
+            value = None
+        if value is not None:
+            out[name] = value
+    if "batch_per_device" in out:
+        out["batch_global"] = int(out["batch_per_device"]) * int(out.get("grad_accum", 1)) * world_size()
+    return out

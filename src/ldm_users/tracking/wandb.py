@@ -7,18 +7,23 @@ the VAE and the LDM both count steps from 1 and W&B drops history rows whose ste
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import re
+import secrets
 import socket
+import string
 from pathlib import Path
 from urllib.parse import urlparse
 
 import wandb
 from omegaconf import DictConfig
 
+from ldm_users.io import write_json
 from ldm_users.tracking.base import METRICS_FILE, LocalTracker, resolved_config
-from ldm_users.tracking.naming import hardware_profile, run_name, run_tags, sweep_group
+from ldm_users.tracking.naming import compare_keys, hardware_profile, run_name, run_tags, sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,28 @@ def choose_mode(requested: str | None) -> tuple[str, str | None]:
     return "online", None
 
 
+RUN_ID_FILE = "wandb_run.json"
+
+
+def stored_run_id(run_dir: Path) -> str | None:
+    """The W&B run id this run dir was tracked under, if any (one run dir = one W&B run)."""
+    try:
+        return json.loads((Path(run_dir) / RUN_ID_FILE).read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _claim_run_id(run_dir: Path) -> str:
+    """The run dir's W&B id, created and stored BEFORE wandb.init: a kill right after init must not leave a run
+    the next attempt cannot find (it would start a second run for the same run dir)."""
+    run_id = stored_run_id(run_dir)
+    if run_id is None:
+        # W&B's own ids look like this (8 lowercase letters/digits); its generator is not public API.
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        write_json(Path(run_dir) / RUN_ID_FILE, {"id": run_id})
+    return run_id
+
+
 def _artifact_name(name: str) -> str:
     # W&B artifact names allow letters, digits, '-', '_' and '.'.
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "export"
@@ -76,13 +103,20 @@ class WandbTracker(LocalTracker):
                                                         "wandb_dir": str(Path(run.dir).parent)})
 
     @classmethod
-    def start(cls, cfg: DictConfig, run_dir: Path, job_type: str) -> WandbTracker | LocalTracker:
-        """A W&B run for this job, else (with one warning line) the local metrics file alone."""
+    def start(cls, cfg: DictConfig, run_dir: Path, job_type: str, config: dict | None = None, join: bool = False
+              ) -> WandbTracker | LocalTracker:
+        """A W&B run for this job, else (with one warning line) the local metrics file alone.
+
+        The run id is kept in `<run_dir>/wandb_run.json`: rerunning the same command (a resume after a kill, a
+        SLURM requeue, `eval.enabled=true` afterwards, `ldm-eval` on the run dir) continues the same W&B run.
+        `config`: what to record as the run's config (default: the resolved `cfg` and the system).
+        """
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         mode, why_offline = choose_mode(cfg.logger.get("mode"))
         run = None
+        init = functools.partial(cls._init, cfg, run_dir, job_type, config=config, join=join)
         try:
-            run = cls._init(cfg, run_dir, job_type, mode, silent=why_offline is not None)
+            run = init(mode, silent=why_offline is not None)
         except Exception as err:
             if mode != "online":
                 log.warning("W&B could not start (%s: %s); tracking to %s only.", type(err).__name__,
@@ -92,7 +126,7 @@ class WandbTracker(LocalTracker):
             mode = "offline"
         if run is None:
             try:
-                run = cls._init(cfg, run_dir, job_type, mode, silent=True)
+                run = init(mode, silent=True)
             except Exception as err:
                 log.warning("W&B could not start offline either (%s); tracking to %s only.", err,
                             Path(run_dir) / METRICS_FILE)
@@ -104,15 +138,20 @@ class WandbTracker(LocalTracker):
         return cls(run, Path(run_dir), job_type, cfg, mode)
 
     @staticmethod
-    def _init(cfg: DictConfig, run_dir: Path, job_type: str, mode: str, silent: bool):
+    def _init(cfg: DictConfig, run_dir: Path, job_type: str, mode: str, silent: bool, config: dict | None = None,
+              join: bool = False):
         if wandb.run is not None:  # a run left open (e.g. by a failed job of this multirun) must not get our data
             wandb.finish(exit_code=1)
         lcfg = cfg.logger
+        if config is None:
+            config = {**resolved_config(cfg), "compare": compare_keys(cfg), "system": hardware_profile()}
+        # Joining keeps the run's own name, group, tags and job type (resume leaves unset fields as they are).
+        identity = {} if join else {"group": sweep_group(cfg), "name": run_name(cfg), "job_type": job_type,
+                                    "tags": run_tags(cfg, job_type)}
         return wandb.init(project=str(lcfg.get("project") or "ldm-users"), entity=lcfg.get("entity") or None,
-                          group=sweep_group(cfg), name=run_name(cfg), job_type=job_type,
-                          tags=run_tags(cfg, job_type), config={**resolved_config(cfg), "system": hardware_profile()},
-                          dir=str(run_dir), mode=mode, reinit="finish_previous",
-                          settings=wandb.Settings(silent=silent, init_timeout=60))
+                          id=_claim_run_id(run_dir), resume="allow", config=config, dir=str(run_dir), mode=mode,
+                          reinit="finish_previous", settings=wandb.Settings(silent=silent, init_timeout=60),
+                          **identity)
 
     def _safe(self, fn, *args, **kwargs) -> None:
         if self.run is None or self.failed:
@@ -137,8 +176,26 @@ class WandbTracker(LocalTracker):
         self.run.log(data)
 
     def log(self, metrics: dict, step: int | None = None) -> None:
+        if self.is_logged(step):  # an earlier attempt of this run logged it (see LocalTracker)
+            return
         super().log(metrics, step)
         self._safe(self._log, dict(metrics), step)
+
+    def use_artifact(self, path, name: str, type: str) -> None:
+        """Record `path` (e.g. the export an evaluation judged) as this run's input: W&B's lineage graph then links
+        the evaluation to the model. Works offline: the artifact is described from the local folder."""
+        super().use_artifact(path, name, type)
+
+        def _use():
+            artifact = wandb.Artifact(name=_artifact_name(name), type=type)
+            artifact.add_dir(str(path), policy="immutable")
+            self.run.use_artifact(artifact)
+
+        self._safe(_use)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        super().log_table(key, columns, rows)
+        self._safe(self.run.log, {key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
     def log_image(self, key: str, path, step: int | None = None, caption: str = "") -> None:
         super().log_image(key, path, step, caption)
