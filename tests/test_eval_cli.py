@@ -116,10 +116,12 @@ def test_eval_config_and_the_run_data_settings(tmp_path):
     from omegaconf import OmegaConf
 
     from ldm_users.config import compose as compose_any
-    from ldm_users.cli.eval import adopt_run_data, resolve_export
+    from ldm_users.cli.eval import resolve_export
+    from ldm_users.evaluation.provenance import adopt_trained_settings
 
     cfg = compose_any(["export_path=x"], config_name="eval")
-    assert {"data", "sampler", "paths", "logger", "hardware", "eval"} <= set(cfg)
+    assert {"data", "sampler", "paths", "logger", "eval"} <= set(cfg)
+    assert "hardware" not in cfg  # what the model was trained on comes from its run, not an eval default
     assert cfg.eval == compose("experiment=smoke").eval  # one group, shared with ldm-train
     assert compose().eval.enabled is False and compose("experiment=smoke").eval.enabled is False
 
@@ -128,16 +130,17 @@ def test_eval_config_and_the_run_data_settings(tmp_path):
     (run_dir / "export" / "model_index.json").write_text("{}")
     (run_dir / ".hydra").mkdir()
     saved = OmegaConf.create({"data": {"name": "synthetic", "num_users": 7, "images_per_user": 9, "resolution": 48,
-                                       "root": "${paths.cache_dir}/synthetic/u${data.num_users}"}})
+                                       "root": "${paths.cache_dir}/synthetic/u${data.num_users}"},
+                              "model": {"name": "unet_tiny"}, "hardware": {"name": "cpu"}})
     OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_export(tmp_path / "nowhere")
     export = resolve_export(run_dir)
     assert export == run_dir / "export"
 
-    assert adopt_run_data(cfg, export, ["data.num_users=3"]) is None  # the command line wins
-    assert cfg.data.num_users == 31
-    assert adopt_run_data(cfg, export, ["sampler.guidance_scale=2"]) == run_dir / ".hydra" / "config.yaml"
+    adopt_trained_settings(cfg, export, ["data.num_users=3"])  # the command line wins for data
+    assert cfg.data.num_users == 31 and cfg.model.name == "unet_tiny" and cfg.hardware.name == "cpu"
+    adopt_trained_settings(cfg, export, ["sampler.guidance_scale=2"])
     assert cfg.data.num_users == 7 and cfg.data.resolution == 48
     assert cfg.data.root == f"{cfg.paths.cache_dir}/synthetic/u7"  # interpolations resolve in the eval config
     # A run saved before data.generate existed still gets its generator, with the run's settings.
