@@ -4,16 +4,26 @@ Every cache, checkpoint, export and status file is written under a temporary nam
 renamed into place when complete (a rename is atomic on one file system), so a kill at any moment leaves the
 old version, the new one, or nothing: never half a file that looks complete. Temporary names carry the pid, so
 two processes building the same entry never write into each other's temporary folder.
+
+Caches shared by several processes (the ranks of a job, the jobs of a sweep, several nodes on one shared file
+system) are built once, under a file lock, by `build_once`: the others wait on the lock, then read the result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from filelock import FileLock, Timeout
+
+from ldm_users.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def _tmp_name(target: Path) -> Path:
@@ -104,3 +114,52 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def build_once(target: str | os.PathLike, build: Callable[[Path], None], ready: Callable[[Path], bool] | None = None,
+               directory: bool = False) -> Path:
+    """Make `target` exist, built by exactly one of the processes asking for it at the same time.
+
+    The first process to take the lock `.<name>.lock` beside `target` calls `build(tmp)`, which writes the entry at
+    `tmp` (through atomic_path: a kill leaves no half entry); the others block on the lock (logged once), then find
+    the entry ready and build nothing. `ready(target)` says whether an existing entry is usable (default: it
+    exists); an unusable one (torn by hand, another format) is rebuilt. The lock is a `filelock.FileLock` (flock):
+    released by the kernel when its holder dies, and honoured across nodes on a shared file system that supports
+    locks (NFSv4, Lustre/GPFS mounted with flock; filelock falls back to a lock file where flock is missing).
+    """
+    target = Path(target)
+    ready = ready or Path.exists
+    if ready(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target.with_name(f".{target.name}.lock")))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        log.info("waiting for another process to finish building %s", target)
+        lock.acquire()
+    try:
+        if not ready(target):
+            with atomic_path(target, directory=directory) as tmp:
+                build(tmp)
+    finally:
+        lock.release()
+    return target
+
+
+def require_free_space(folder: str | os.PathLike, needed: int, what: str, setting: str = "paths.cache_dir") -> None:
+    """Refuse early, naming the folder and the bytes, when `folder`'s disk cannot hold `needed` more bytes."""
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DataError(f"{what} needs {_size(needed)} ({needed:,} bytes) in {folder}, but its disk has {_size(free)} "
+                        f"free. Free space there, or point {setting} (or $LDM_USERS_CACHE) at a larger disk.")
+
+
+def _size(n: float) -> str:
+    units = ["B", "kB", "MB", "GB", "TB"]
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.1f} {units[i]}"

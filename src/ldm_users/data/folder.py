@@ -1,13 +1,16 @@
 """Folder-per-user datasets: discover users and images, decode them once into a cached array.
 
 `data_dir/<user>/<images>`: users are the subfolders, sorted by name (stable across runs and machines).
-Images are decoded, converted to RGB and resized/cropped once, then kept as a uint8 array in the cache
-(`prepared.npy`, memory-mapped), so training never decodes a file and never meets a bad file mid-epoch.
+Images are decoded, converted to RGB and resized/cropped once, straight into a uint8 array file in the cache
+(`images.npy`, N x H x W x 3), which every reader memory-maps and reads by index: training never decodes a file,
+never meets a bad file mid-epoch, and never holds the whole dataset in RAM (a million 128 px images are 49 GB on
+disk; the page cache keeps what fits).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ldm_users.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
 from ldm_users.errors import DataError
-from ldm_users.io import atomic_path
+from ldm_users.io import build_once, require_free_space
 
 log = logging.getLogger(__name__)
 
@@ -120,20 +123,41 @@ def to_model_range(uint8_hwc) -> torch.Tensor:
     return t.permute(2, 0, 1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
+def image_bytes(resolution: int) -> int:
+    """Disk bytes per image in the decoded cache: uint8 RGB pixels and an int64 label (paths go to meta.json)."""
+    return resolution * resolution * 3 + 8
+
+
 def prepare_folder(data_dir, cache_dir, resolution: int, center_crop: bool = True, strict: bool = False,
                    max_pixels: int = DEFAULT_MAX_PIXELS, min_image_size: int = 8,
                    show_progress: bool = True) -> PreparedDataset:
-    """Decode the folder dataset once into the cache (reused while the files are unchanged)."""
+    """Decode the folder dataset once into the cache (reused while the files are unchanged).
+
+    One process decodes (the first to take the cache entry's lock: a rank, a sweep job, another node); the others
+    wait, then map the same files."""
     scan = discover(data_dir)
     key = fingerprint(scan.files, scan.users, resolution, center_crop)
     target = Path(cache_dir) / "prepared" / f"{Path(data_dir).name}-r{resolution}-{key}"
-    if (target / "meta.json").exists():
-        return PreparedDataset(target)
 
-    arrays, labels, paths, skipped = [], [], [], list(scan.skipped)
-    small = 0
-    for path, user in tqdm(scan.files, desc=f"decoding {Path(data_dir).name}", disable=not show_progress,
-                           unit="img"):
+    def build(tmp: Path) -> None:
+        require_free_space(target.parent, len(scan.files) * image_bytes(resolution),
+                           f"the decoded dataset cache ({len(scan.files)} images at {resolution} px)")
+        kept, skipped = _decode_into(tmp, scan, Path(data_dir), resolution, center_crop, strict, max_pixels,
+                                     min_image_size, show_progress)
+        _write_meta(tmp, scan.users, kept, skipped, key, resolution, center_crop)
+
+    build_once(target, build, ready=lambda t: (t / "meta.json").exists(), directory=True)
+    return PreparedDataset(target)
+
+
+def _decode_into(folder: Path, scan: ScanResult, data_dir: Path, resolution: int, center_crop: bool, strict: bool,
+                 max_pixels: int, min_image_size: int, show_progress: bool) -> tuple[list, list]:
+    """Decode every file straight into a memory-mapped images.npy (never the whole dataset in RAM); returns the
+    (path, user) pairs it holds and the (path, reason) pairs it skipped."""
+    images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8,
+                                       shape=(len(scan.files), resolution, resolution, 3))
+    labels, paths, skipped, small = [], [], list(scan.skipped), 0
+    for path, user in tqdm(scan.files, desc=f"decoding {data_dir.name}", disable=not show_progress, unit="img"):
         try:
             arr, (w, h) = load_image(path, resolution, center_crop, max_pixels=max_pixels, min_size=min_image_size)
         except BadImage as err:
@@ -146,35 +170,54 @@ def prepare_folder(data_dir, cache_dir, resolution: int, center_crop: bool = Tru
             small += 1
             if small <= 5:
                 log.warning("%s is %dx%d, smaller than data.resolution=%d: upscaled", path, w, h, resolution)
-        arrays.append(arr)
+        images[len(labels)] = arr
         labels.append(user)
         paths.append(path)
     if strict and scan.skipped:
         path, reason = scan.skipped[0]
         raise DataError(f"{path}: {reason}. Remove the file, or set data.strict=false to skip it.")
-
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(scan.users))
     empty = [u for u, c in zip(scan.users, counts) if c == 0]
     if empty:
-        folder = Path(data_dir) / empty[0]
-        raise DataError(f"user folder {folder} has no readable image ({len(empty)} such user(s): "
+        raise DataError(f"user folder {data_dir / empty[0]} has no readable image ({len(empty)} such user(s): "
                         f"{', '.join(empty[:5])}). Add images or remove the folder.")
+    images.flush()
+    del images
+    _shrink_rows(folder / "images.npy", len(labels))
+    np.save(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
     if skipped:
-        log.warning("skipped %d unusable file(s) under %s (first: %s: %s); the list is in %s/meta.json",
-                    len(skipped), data_dir, skipped[0][0], skipped[0][1], target)
+        log.warning("skipped %d unusable file(s) under %s (first: %s: %s); the list is in the cache's meta.json",
+                    len(skipped), data_dir, *skipped[0])
     if small > 5:
         log.warning("%d images were smaller than data.resolution=%d and were upscaled", small, resolution)
+    return list(zip(paths, labels)), skipped
 
-    # Written aside and renamed into place: a killed run never leaves a half-written prepared dataset; a process
-    # that finished the same entry first wins (same key, identical content).
-    with atomic_path(target, directory=True, keep_existing=True) as tmp:
-        np.save(tmp / "images.npy", np.stack(arrays))
-        np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-        meta = {"users": scan.users, "fingerprint": key, "resolution": resolution, "center_crop": center_crop,
-                "paths": [os.fsdecode(p) if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape")
-                          .decode("utf-8", "replace") for p in paths],
-                "skipped": [[p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), r]
-                            for p, r in skipped],
-                "small_images": small}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    return PreparedDataset(target)
+
+def _shrink_rows(path: Path, rows: int) -> None:
+    """Cut an .npy file to its first `rows` rows in place (the skipped files' rows were never written).
+
+    numpy pads an .npy header with room for a longer first dimension, precisely so that it can be rewritten in
+    place; no copy of the data is made."""
+    array = np.load(path, mmap_mode="r")
+    if rows == len(array):
+        return
+    shape, offset, row_bytes = (rows, *array.shape[1:]), array.offset, array[0].nbytes
+    del array
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    if len(header.getvalue()) != offset:
+        raise RuntimeError(f"{path}: unexpected .npy header length")  # numpy changed its padding rule
+    with open(path, "r+b") as f:
+        f.write(header.getvalue())
+        f.truncate(offset + rows * row_bytes)
+
+
+def _write_meta(folder: Path, users: list[str], kept: list, skipped: list, key: str, resolution: int,
+                center_crop: bool) -> None:
+    def text(p) -> str:  # file names that are not valid UTF-8 are kept readable, not a crash
+        return os.fsdecode(p) if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                                                                       "replace")
+
+    meta = {"users": users, "fingerprint": key, "resolution": resolution, "center_crop": center_crop,
+            "paths": [text(p) for p, _ in kept], "skipped": [[text(p), r] for p, r in skipped]}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm_users.io import atomic_path
+from ldm_users.io import build_once
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "diamond")
 BG_VALUE, FG_VALUE = 0.42, 0.95  # dark backgrounds, bright shapes: the oracle separates them by brightness
@@ -103,20 +103,18 @@ def render(style: UserStyle, rng: np.random.Generator, resolution: int) -> Image
 
 def generate(root: str | os.PathLike, num_users: int = 31, images_per_user: int = 64, resolution: int = 128,
              seed: int = 1234) -> Path:
-    """Write the dataset to root/<user>/<nnnn>.png once; deterministic in (num_users, images_per_user, seed)."""
-    root = Path(root)
-    if (root / COMPLETE).exists():
-        return root
-    # Written aside and renamed into place, so root only ever appears complete; a process that finished the same
-    # dataset first wins (same bytes).
-    with atomic_path(root, directory=True, keep_existing=True) as tmp:
+    """Write the dataset to root/<user>/<nnnn>.png once (by one process when several ask at once);
+    deterministic in (num_users, images_per_user, seed)."""
+
+    def build(tmp: Path) -> None:
         for u, (style, name) in enumerate(zip(user_styles(num_users), user_names(num_users))):
             rng = np.random.default_rng([seed, u])
-            (tmp / name).mkdir()
+            (tmp / name).mkdir(parents=True)
             for i in range(images_per_user):
                 render(style, rng, resolution).save(tmp / name / f"{i:04d}.png")
         (tmp / COMPLETE).write_text("ok\n")
-    return root
+
+    return build_once(root, build, ready=lambda r: (r / COMPLETE).exists(), directory=True)
 
 
 def _hues_and_values(images: np.ndarray):

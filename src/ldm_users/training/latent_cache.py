@@ -2,31 +2,35 @@
 
 The cache is keyed by a hash of the VAE's weights, the prepared dataset's fingerprint and the resolution,
 so later epochs and later runs (a sweep over denoisers on one VAE) skip the encoder entirely. It stores the
-posterior mean and std, so every epoch still draws a fresh latent sample as the LDM paper does. Files are
-written to a temporary name and renamed; a partial file is never read as valid.
+posterior mean and std, so every epoch still draws a fresh latent sample as the LDM paper does.
+
+One .npy file of shape (N, 2, C, h, w) float32 (mean and std of each image side by side, so one image is one
+contiguous read), written batch by batch and memory-mapped by every reader: neither encoding nor training holds
+the whole cache in RAM (128 px with a 4-channel 32x32 latent: 32,768 bytes per image, 32.8 GB per million).
+It is built once by whichever process takes its lock first (one rank of a job, one job of a sweep) while the
+others wait, and written under a temporary name: a partial file is never read as valid.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ldm_users.errors import DataError
+from ldm_users.io import build_once, require_free_space
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LatentCache:
-    mean: torch.Tensor  # (N, C, h, w), unscaled posterior mean
+    mean: torch.Tensor  # (N, C, h, w), unscaled posterior mean (a view of the memory-mapped file)
     std: torch.Tensor   # (N, C, h, w)
     labels: torch.Tensor
     path: Path
@@ -47,45 +51,51 @@ def vae_hash(vae) -> str:
 
 
 def cache_path(cache_root, vae, dataset) -> Path:
-    return Path(cache_root) / "latents" / f"{vae_hash(vae)}-{dataset.fingerprint}-r{dataset.resolution}.safetensors"
+    return Path(cache_root) / "latents" / f"{vae_hash(vae)}-{dataset.fingerprint}-r{dataset.resolution}.npy"
 
 
-def _load(path: Path, expected: int) -> LatentCache | None:
+def _open(path: Path, expected: int) -> tuple[np.ndarray | None, str]:
+    """The memory-mapped posteriors, or None and what is wrong with the file."""
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        log.warning("latent cache %s is unreadable (%s): rebuilding it", path, err)
-        return None
-    if set(tensors) != {"mean", "std", "labels"} or len(tensors["labels"]) != expected:
-        log.warning("latent cache %s is incomplete: rebuilding it", path)
-        return None
-    return LatentCache(tensors["mean"], tensors["std"], tensors["labels"].long(), path)
+        # Copy-on-write: a writable array for torch.from_numpy, whose writes (there are none) never reach the file.
+        posterior = np.load(path, mmap_mode="c")
+    except (OSError, ValueError, EOFError) as err:
+        return None, f"unreadable ({type(err).__name__}: {err})"
+    if posterior.dtype != np.float32 or posterior.ndim != 5 or posterior.shape[:2] != (expected, 2):
+        return None, f"incomplete (shape {posterior.shape}, {posterior.dtype}; expected ({expected}, 2, C, h, w))"
+    return posterior, ""
 
 
 @torch.no_grad()
-def load_or_encode(vae, dataset, cache_root, device, batch_size: int = 64, show_progress: bool = True,
-                   is_main_process: bool = True, wait=lambda: None) -> LatentCache:
-    """The dataset's latent posteriors: read from the cache, or encoded once (on the main process)."""
+def _encode(vae, path: Path, dataset, device, batch_size: int, show_progress: bool) -> None:
+    """Every image's posterior (mean, std), written batch by batch into a memory-mapped .npy at `path`."""
+    out = None
+    for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents", disable=not show_progress):
+        images, _ = dataset.batch(range(start, min(start + batch_size, len(dataset))))
+        dist = vae.encode(images.to(device, vae.dtype)).latent_dist
+        posterior = torch.stack([dist.mean.float(), dist.std.float()], dim=1).cpu().numpy()
+        if out is None:  # the latent shape is known from the first batch
+            shape = (len(dataset), *posterior.shape[1:])
+            require_free_space(path.parent, int(np.prod(shape)) * 4,
+                               f"the latent cache ({len(dataset)} images, {shape[2:]} latents)")
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        out[start:start + len(posterior)] = posterior
+    out.flush()
+
+
+def load_or_encode(vae, dataset, cache_root, device, batch_size: int = 64, show_progress: bool = True) -> LatentCache:
+    """The dataset's latent posteriors, memory-mapped from the cache; encoded first by one process if missing."""
     path = cache_path(cache_root, vae, dataset)
-    if path.exists():
-        cached = _load(path, len(dataset))
-        if cached is not None:
-            return cached
-    if is_main_process:
-        means, stds = [], []
-        for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents", disable=not show_progress):
-            images, _ = dataset.batch(range(start, min(start + batch_size, len(dataset))))
-            dist = vae.encode(images.to(device, vae.dtype)).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
-                   "labels": dataset.labels.clone().contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    wait()  # other ranks read what the main process wrote
-    cached = _load(path, len(dataset))
-    if cached is None:
-        raise DataError(f"latent cache {path} could not be written or read back: check free space and "
+
+    def build(tmp: Path) -> None:
+        if path.exists():
+            log.warning("latent cache %s is %s: rebuilding it", path, _open(path, len(dataset))[1])
+        _encode(vae, tmp, dataset, device, batch_size, show_progress)
+
+    build_once(path, build, ready=lambda p: _open(p, len(dataset))[0] is not None)
+    posterior, problem = _open(path, len(dataset))
+    if posterior is None:
+        raise DataError(f"latent cache {path} could not be read back ({problem}): check free space and "
                         "permissions under paths.cache_dir (or point it elsewhere).")
-    return cached
+    tensor = torch.from_numpy(posterior)
+    return LatentCache(tensor[:, 0], tensor[:, 1], dataset.labels, path)

@@ -135,8 +135,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
 
     vae = load_frozen_vae(vae_dir, device)
     scaling = float(vae.config.scaling_factor)
-    cache = latent_cache.load_or_encode(vae, dataset, cfg.paths.cache_dir, device, show_progress=is_main,
-                                        is_main_process=is_main, wait=accelerator.wait_for_everyone)
+    cache = latent_cache.load_or_encode(vae, dataset, cfg.paths.cache_dir, device, show_progress=is_main)
     # Latents live on the accelerator when they fit (they are small: 16 KB per 32x32x4 image).
     if device.type == "cuda" and cache.nbytes() < 0.2 * float(hw.memory_gb) * 2**30:
         cache = cache.to(device)
