@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from ldm_users.compat import assert_compatible
 from ldm_users.config import config_dir
 from ldm_users.data.loading import bind_num_users, prepare_dataset
+from ldm_users.distributed import bind_global_batch, launcher_job
 from ldm_users.errors import ConfigError, exit_on_user_error
 from ldm_users.runtime import output_dir
 from ldm_users.sweep import run_job
@@ -48,6 +49,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     accelerator = make_accelerator(cfg)
+    bind_global_batch(cfg, accelerator.num_processes, accelerator.is_main_process)
     dataset = prepare_dataset(cfg, show_progress=accelerator.is_main_process)
     bind_num_users(cfg, dataset.num_users)
     assert_compatible(cfg, dataset.num_users)
@@ -105,7 +107,9 @@ def run(cfg: DictConfig) -> dict:
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     # In a multirun a failed job is recorded in its status.json and the next job runs (see ldm_users.sweep).
-    run_job(run, cfg, output_dir(cfg))
+    # A submitit job (hydra/launcher=slurm|local) of several tasks is one training over all of them.
+    with launcher_job():
+        run_job(run, cfg, output_dir(cfg))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ checkpoint together, even when only some of them got the signal. A second signal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import threading
+from typing import Iterator
 
 import torch
 
@@ -22,6 +24,18 @@ from ldm_users.errors import LdmUsersError
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _pending = 0  # the first stop signal this process got and has not acted on yet (0: none)
+_launcher_signals: set[int] = set()  # a job launcher's preemption signal, while its job runs (also_stop_on)
+
+
+@contextlib.contextmanager
+def also_stop_on(signum: int) -> Iterator[None]:
+    """While active, `signum` stops training like SIGTERM (submitit's preemption/time-limit signal: see
+    ldm_users.distributed, which then hands the stop back to submitit to requeue the job)."""
+    _launcher_signals.add(signum)
+    try:
+        yield
+    finally:
+        _launcher_signals.discard(signum)
 
 
 class TrainingInterrupted(LdmUsersError):
@@ -49,7 +63,7 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         # signal.signal only works in the main thread; elsewhere (a notebook's worker thread) keep the defaults.
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
+            for sig in (*STOP_SIGNALS, *sorted(_launcher_signals)):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
