@@ -23,9 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from ldm_users.errors import ConfigError, DataError
-from tests.conftest import REPO
 from tests.test_reliability import CHILD, TIMEOUT, _env, _state_dicts_equal
-from tests.wandb_offline import inspect_records, offline_runs, run_record
+from tests.wandb_offline import inspect_summary, offline_runs
 
 LDM_STEPS = 40  # long enough that the preemption lands mid-training however busy the machine is
 ARGS = ["experiment=smoke", "logger=wandb", "vae_train.max_steps=4", f"train.max_steps={LDM_STEPS}",
@@ -70,8 +69,7 @@ def test_local_launcher_two_tasks_match_torchrun_and_requeue_resumes(tmp_path, s
     run per attempt recording world size 2 and the global batch; SIGUSR2 to both tasks (SLURM's warning before a
     time limit) stops them after the same step with a checkpoint, submitit requeues the job, the rerun resumes
     there; the final weights, EMA, optimizer and LR state are bit-identical to torchrun --nproc_per_node 2."""
-    # src first: the processes must run this checkout's code whatever the venv has installed (worktrees, CI).
-    env = _env(session_cache, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
+    env = _env(session_cache, OMP_NUM_THREADS="1")
     reference = tmp_path / "torchrun"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHILD),
                 *ARGS, f"hydra.run.dir={reference}"]
@@ -108,8 +106,7 @@ def test_local_launcher_two_tasks_match_torchrun_and_requeue_resumes(tmp_path, s
 
     runs = offline_runs(run_dir)
     assert len(runs) == 2, runs  # one W&B run per attempt (before and after the requeue), never one per rank
-    config = {k: v["value"] if isinstance(v, dict) and "value" in v else v
-              for k, v in run_record(inspect_records(runs[-1]))["config"].items()}
+    config = inspect_summary(runs[-1])["config"]
     assert config["hardware"]["world_size"] == 2 and config["hardware"]["global_batch_size"] == 8, config["hardware"]
     assert config["system"]["world_size"] == 2
 

@@ -53,7 +53,7 @@ def run_args(*extra: str) -> list[str]:
 def _env(cache: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LDM_TEST_")}
     env.update(LDM_USERS_CACHE=str(cache), WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO), **extra)
+               PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]), **extra)  # this checkout's code first
     return env
 
 

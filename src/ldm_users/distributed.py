@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -119,6 +120,8 @@ def launcher_job() -> Iterator[Tasks | None]:
         except TrainingInterrupted as stop:
             requeue = signal.getsignal(preempt)  # submitit's handler again, now that the stage has ended
             if stop.signum == preempt and callable(requeue):
+                if env.global_rank == 0:  # it exits in submitit's handler, before the entry point could say this
+                    print(f"{stop} submitit requeues the job.", file=sys.stderr, flush=True)
                 requeue(preempt, None)  # the main task requeues the job and exits; the others end as stopped
             raise
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ldm_users.data.folder import PreparedDataset, to_model_range
 from ldm_users.errors import ConfigError
+from ldm_users.io import build_once
 
 log = logging.getLogger(__name__)
 
@@ -213,22 +213,15 @@ def load_or_train(dataset: PreparedDataset, ccfg: dict, cache_dir: str | os.Path
     """The cached classifier for this dataset and these settings, trained (and cached) on first use."""
     ccfg = {k: ccfg[k] for k in sorted(ccfg)}
     folder = Path(cache_dir) / "eval" / f"{dataset.folder.name}-clf{settings_key(ccfg)}"
-    if not (folder / "meta.json").exists():
+
+    def build(tmp: Path) -> None:  # one process trains it; the others (ranks, sweep jobs) wait and load it
         model, meta, feats, logits = train_classifier(dataset, ccfg, device, show_progress)
-        # Written to a temporary folder and renamed: a killed run never leaves a half-written cache entry.
-        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "classifier.safetensors"))
         np.savez(tmp / "real_features.npz", features=feats, logits=logits)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another job cached the same classifier meanwhile
-        return TrainedClassifier(model, meta, feats, logits, folder, device)
 
+    build_once(folder, build, ready=lambda f: (f / "meta.json").exists(), directory=True)
     meta = json.loads((folder / "meta.json").read_text())
     model = UserClassifier(**meta["model"])
     model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
