@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ldm_users.errors import DataError, exit_on_user_error
 from ldm_users.reporting.jobs import EVAL_FILE, find_job_dirs, load_job
-from ldm_users.reporting.plots import plot_eval, plot_losses
+from ldm_users.reporting.plots import plot_eval, plot_losses, plot_scaling
 from ldm_users.reporting.tables import write_tables
 from ldm_users.tracking import METRICS_FILE
 
@@ -39,9 +39,11 @@ def make_report(dirs: list[Path], out_dir: Path | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_losses(rows, out_dir / "loss_curves.png")
     eval_plot = plot_eval(rows, out_dir / "eval.png")
-    md_path, csv_path, lines = write_tables(rows, out_dir, [p for p in (plot, eval_plot) if p])
-    return {"markdown": md_path, "csv": csv_path, "loss_plot": plot, "eval_plot": eval_plot, "rows": rows,
-            "lines": lines}
+    scaling_plot = plot_scaling(rows, out_dir / "scaling.png")
+    plots = [p for p in (plot, eval_plot, scaling_plot) if p]
+    md_path, csv_path, lines = write_tables(rows, out_dir, plots)
+    return {"markdown": md_path, "csv": csv_path, "loss_plot": plot, "eval_plot": eval_plot,
+            "scaling_plot": scaling_plot, "plots": plots, "rows": rows, "lines": lines}
 
 
 @exit_on_user_error
@@ -52,9 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = make_report(args.dirs, args.out)
     print("\n".join(result["lines"]))
-    print(f"\nldm-report: wrote {result['markdown']}, {result['csv']}"
-          + (f", {result['loss_plot']}" if result["loss_plot"] else "")
-          + (f", {result['eval_plot']}" if result["eval_plot"] else ""))
+    print(f"\nldm-report: wrote {', '.join(str(p) for p in [result['markdown'], result['csv'], *result['plots']])}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The report's plots: training loss per stage (one line per job) and user accuracy against FD (one point per
-evaluated job, labelled with its guidance scale)."""
+"""The report's plots: training loss per stage (one line per job), user accuracy against FD (one point per
+evaluated job, labelled with its guidance scale), and on a model-size sweep final loss, user accuracy and
+images/s against parameter count (one point per job: the picture the sweep exists for)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,39 @@ def plot_eval(rows: list[JobRow], path: Path) -> Path | None:
     ax.set_ylabel(f"{ACCURACY_KEY} (higher is better)")
     ax.set_title("user accuracy against FD")
     ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# (column or evaluation key, axis label, log scale) of the scaling plot's panels, against the denoiser's parameters.
+SCALING_PANELS = (("final_loss", "final LDM loss (smoothed)", True), (ACCURACY_KEY, "user accuracy (top-1)", False),
+                  ("images_per_sec", "training images/s", True))
+
+
+def plot_scaling(rows: list[JobRow], path: Path) -> Path | None:
+    """Final loss, user accuracy and throughput against parameter count (log x), one labelled point per job;
+    only when the jobs differ in size (a model-size sweep)."""
+    sized = [r for r in rows if number(r.columns.get("params_denoiser"))]
+    if len({r.columns["params_denoiser"] for r in sized}) < 2:
+        return None
+    panels = [p for p in SCALING_PANELS if any(number(r.value(p[0])) is not None for r in sized)]
+    fig = Figure(figsize=(4.6 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, label, log_y) in zip(axes, panels):
+        points = sorted((r.columns["params_denoiser"], number(r.value(key)), r.columns.get("model") or r.columns["job"])
+                        for r in sized if number(r.value(key)) is not None)
+        xs, ys, names = zip(*points)
+        ax.plot(xs, ys, marker="o", color="C0")
+        for x, y, name in points:
+            ax.annotate(str(name), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        if log_y and min(ys) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("denoiser parameters")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("model-size sweep")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
