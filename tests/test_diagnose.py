@@ -132,8 +132,9 @@ def test_cli_prints_a_verdict_per_profile_and_writes_json(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ldm_users.cli.diagnose", "experiment=smoke", "diagnose.profiles=[cpu,gpu_8gb]",
                            "model.denoiser.in_channels=3", f"hydra.run.dir={run_dir}"],
                           capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]  # scripts and CI can rely on the exit status
     assert "compatibility: model.denoiser.in_channels=3" in proc.stdout  # problems are printed, one per line
+    assert "the configuration is not consistent (exit 1)" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "ldm_users.cli.diagnose", "experiment=smoke", "diagnose.profiles=[cpu,gpu_8gb]",
                            f"hydra.run.dir={run_dir}"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -145,3 +146,14 @@ def test_cli_prints_a_verdict_per_profile_and_writes_json(tmp_path):
         assert profile["measured"]["method"] == "traced on fake tensors (CPU)"
     assert "| cpu | 16 | no | 8 x 1 | off |" in proc.stdout
     assert "| gpu_8gb | 8 | fp16 | 1 x 8 | on |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_hardware_narrows_to_that_profile_and_exits_1_when_it_does_not_fit(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ldm_users.cli.diagnose", "model=unet_sd", "hardware=gpu_8gb",
+                           "data.num_users=31", "diagnose.suggest=false", f"hydra.run.dir={tmp_path / 'd'}"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "d" / "diagnose.json").read_text())
+    assert [p["profile"] for p in report["profiles"]] == ["gpu_8gb"]  # hardware=X narrows the report to X
+    assert "model=unet_sd does not fit hardware=gpu_8gb (exit 1)" in proc.stdout

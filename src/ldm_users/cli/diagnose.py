@@ -1,15 +1,17 @@
 """ldm-diagnose: parameter counts, training memory and a fits / does-not-fit verdict per hardware profile.
 
     ldm-diagnose model=unet_medium                 # every profile in conf/hardware
-    ldm-diagnose model=unet_sd diagnose.profiles=gpu_8gb
+    ldm-diagnose model=unet_sd hardware=gpu_8gb    # only that profile
 
-Prints the compatibility check, a markdown report, and writes diagnose.json to the run dir.
+Prints the compatibility check, a markdown report, and writes diagnose.json to the run dir. Exits 1 when the
+configuration is inconsistent or does not fit its hardware profile (scripts and CI can rely on it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from ldm_users.compat import check_compatibility
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError, exit_on_user_error
 from ldm_users.perf.configs import resolve_list, with_group
-from ldm_users.runtime import output_dir
+from ldm_users.runtime import output_dir, task_overrides
 from ldm_users.perf.memory_model import GIB, ProfileReport, assess, parameter_counts, require_num_users
 
 log = logging.getLogger("ldm_users.cli.diagnose")
@@ -49,6 +51,13 @@ def _assess_profile(cfg: DictConfig, counts: dict, method: str, dcfg) -> Profile
         return assess(cfg, counts, "fake", *args)
 
 
+def chosen_profiles(dcfg, current: str):
+    """diagnose.profiles=auto: the profile named on the command line (`hardware=X`), else every profile."""
+    if str(dcfg.profiles) != "auto":
+        return dcfg.profiles
+    return "current" if any(o.split("=", 1)[0] == "hardware" for o in task_overrides()) else "all"
+
+
 def diagnose(cfg: DictConfig) -> dict:
     """The whole report as a dict (the JSON); also what the tests call."""
     require_num_users(cfg)
@@ -58,11 +67,12 @@ def diagnose(cfg: DictConfig) -> dict:
     method = choose_method(str(dcfg.measure))
     profiles = []
     if not problems:
-        for name in resolve_list(dcfg.profiles, "hardware", str(cfg.hardware.name)):
+        for name in resolve_list(chosen_profiles(dcfg, str(cfg.hardware.name)), "hardware", str(cfg.hardware.name)):
             # The current profile keeps the command line's hardware.* overrides; the others are as shipped.
             pcfg = cfg if name == cfg.hardware.name else with_group(cfg, "hardware", name)
             profiles.append(asdict(_assess_profile(pcfg, counts, method, dcfg)))
-    return {"model": str(cfg.model.name), "vae": str(cfg.vae.name), "resolution": int(cfg.data.resolution),
+    return {"model": str(cfg.model.name), "vae": str(cfg.vae.name), "hardware": str(cfg.hardware.name),
+            "resolution": int(cfg.data.resolution),
             "num_users": int(cfg.data.num_users), "compatibility_problems": problems, "parameters": counts,
             "reserve_gib": float(dcfg.reserve_gib), "fragmentation": float(dcfg.fragmentation), "profiles": profiles}
 
@@ -115,10 +125,23 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
+def exit_code(report: dict) -> int:
+    """1 when the configuration is inconsistent or does not fit its own profile (hardware=...), else 0."""
+    if report["compatibility_problems"]:
+        return 1
+    own = [p for p in report["profiles"] if p["profile"] == report["hardware"]]
+    return 1 if own and not own[0]["verdict"]["fits"] else 0
+
+
 @hydra.main(config_path=config_dir(), config_name="diagnose", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    report = run(cfg)
+    if exit_code(report):
+        why = ("the configuration is not consistent" if report["compatibility_problems"] else
+               f"model={report['model']} does not fit hardware={report['hardware']}")
+        print(f"ldm-diagnose: {why} (exit 1).")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
