@@ -155,7 +155,8 @@ def save_grid(generated: np.ndarray, gen_labels: np.ndarray, dataset: PreparedDa
         real = [Image.fromarray(np.asarray(dataset.images[i])) for i in np.flatnonzero(labels == u)[:per]]
         rows.append(gen + [blank] + real)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, [f"{dataset.users[u]}" for u in users]).save(path)
+    make_grid(rows, [f"{dataset.users[u]}" for u in users],
+              columns=[("generated", per), ("", 1), ("real", per)]).save(path)
     return path
 
 
