@@ -126,16 +126,16 @@ def launcher_job() -> Iterator[Tasks | None]:
             raise
 
 
-def bind_global_batch(cfg: DictConfig, world_size: int, is_main_process: bool = True) -> int:
-    """Record the global batch (per-device batch x accumulation x processes) in the config, where the tracker
-    (W&B config, metrics.jsonl) and the checkpoints take it from, and say it once in the log."""
+def bind_global_batch(cfg: DictConfig, accelerator) -> int:
+    """Record the global batch (per-device batch x accumulation x processes) and the world size in the config,
+    where the tracker (W&B config, metrics.jsonl) and the checkpoints take them from; say it once in the log."""
     hw = cfg.hardware
-    batch, accum = int(hw.batch_size), int(hw.gradient_accumulation_steps)
-    total = batch * accum * int(world_size)
+    batch, accum, world = int(hw.batch_size), accelerator.gradient_accumulation_steps, accelerator.num_processes
+    total = batch * accum * world
     with open_dict(cfg):
-        hw.world_size = int(world_size)
+        hw.world_size = world
         hw.global_batch_size = total
-    if is_main_process:
+    if accelerator.is_main_process:
         log.info("global batch %d = %d per device x %d accumulation step(s) x %d process(es)", total, batch, accum,
-                 world_size)
+                 world)
     return total

@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     accelerator = make_accelerator(cfg)
-    bind_global_batch(cfg, accelerator.num_processes, accelerator.is_main_process)
+    bind_global_batch(cfg, accelerator)
     dataset = prepare_dataset(cfg, show_progress=accelerator.is_main_process)
     bind_num_users(cfg, dataset.num_users)
     assert_compatible(cfg, dataset.num_users)
