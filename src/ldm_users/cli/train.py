@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from ldm_users import hpo
 from ldm_users.compat import assert_compatible
 from ldm_users.config import config_dir
 from ldm_users.data.loading import bind_num_users, prepare_dataset
@@ -105,11 +106,13 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     # In a multirun a failed job is recorded in its status.json and the next job runs (see ldm_users.sweep).
     # A submitit job (hydra/launcher=slurm|local) of several tasks is one training over all of them.
+    # The return value is the objective of a hyperparameter search (ldm_users.hpo); Hydra ignores it otherwise.
+    hpo.check(cfg)
     with launcher_job():
-        run_job(run, cfg, output_dir(cfg))
+        return hpo.objective(cfg, run_job(run, cfg, output_dir(cfg)))
 
 
 if __name__ == "__main__":
