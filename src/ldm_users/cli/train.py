@@ -59,6 +59,7 @@ def run(cfg: DictConfig) -> dict:
 
     result: dict = {"run_dir": str(run_dir)}
     from ldm_users.training.ldm_stage import train_ldm
+    from ldm_users.training.shared_vae import obtain_vae
     from ldm_users.training.vae_stage import train_vae
 
     # One tracker (one W&B run) per job, whatever stages it trains; finished as failed when a stage raises.
@@ -72,9 +73,9 @@ def run(cfg: DictConfig) -> dict:
         if stage in ("vae", "all") and not cfg.get("vae_path"):
             if (vae_dir / "config.json").exists() and stage == "all":
                 log.info("VAE: using the finished VAE in %s", vae_dir)
-            else:
-                tracker.begin_stage("vae")
-                vae_dir = train_vae(cfg, run_dir, dataset, accelerator, tracker)
+            else:  # trained by this job, or reused from an earlier job with the same VAE settings
+                vae_dir = obtain_vae(cfg, run_dir, dataset, accelerator, tracker,
+                                     train=lambda: train_vae(cfg, run_dir, dataset, accelerator, tracker))
         result["vae"] = str(vae_dir)
         if stage in ("ldm", "all"):
             if not (vae_dir / "config.json").exists():

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from ldm_users.config import to_container
 from ldm_users.errors import ConfigError
-from ldm_users.io import atomic_path, build_once, remove_dir, write_json
+from ldm_users.io import atomic_path, build_once, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,34 +59,35 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / "config.json").is_file() and (Path(folder) / META_FILE).is_file()
 
 
+def link_files(src: Path, folder: Path) -> None:
+    """Fill `folder` with the files of the flat folder `src`: hard links where the file system allows."""
+    for item in Path(src).iterdir():
+        try:
+            os.link(item, folder / item.name)
+        except OSError:  # another file system, or links not supported
+            shutil.copy2(item, folder / item.name)
+
+
 def link_tree(src: Path, dst: Path) -> Path:
-    """`dst` as a complete copy of the flat folder `src`, made of hard links where the file system allows."""
+    """`dst` as a complete copy of the flat folder `src` (hard links where possible), written atomically."""
     with atomic_path(dst, directory=True) as tmp:
-        for item in Path(src).iterdir():
-            try:
-                os.link(item, tmp / item.name)
-            except OSError:  # another file system, or links not supported
-                shutil.copy2(item, tmp / item.name)
+        link_files(src, tmp)
     return Path(dst)
 
 
 def obtain_vae(cfg: DictConfig, run_dir: Path, dataset, accelerator, tracker, train: Callable[[], Path]) -> Path:
-    """The folder of the VAE this job uses: vae_path, the run's own finished VAE, a shared one, or a new one.
+    """The folder of this job's VAE: reused from an earlier job with the same key, else trained and published.
 
-    `train()` trains this job's VAE (every process of the job takes part) and returns its `save_pretrained` folder.
+    `train()` trains this job's VAE into the run dir (every process of the job takes part) and returns its
+    `save_pretrained` folder. With vae_train.share=false it is simply called.
     """
-    if cfg.get("vae_path"):
-        return Path(str(cfg.vae_path))
-    final = Path(run_dir) / "vae" / "final"
-    if (final / "config.json").exists():  # this run finished its VAE before (a resumed or repeated run)
-        log.info("VAE: using the finished VAE in %s", final)
-        return final
     share = cfg.vae_train.get("share", True)
     if not isinstance(share, bool):
         raise ConfigError(f"vae_train.share={share}: use vae_train.share=true or vae_train.share=false.")
     if not share:
         tracker.begin_stage("vae")
         return train()
+    final = Path(run_dir) / "vae" / "final"
     key, ingredients = vae_key(cfg, dataset, accelerator)
     entry = Path(str(cfg.paths.cache_dir)) / "vae" / key
     trained: list[Path] = []
@@ -94,7 +95,7 @@ def obtain_vae(cfg: DictConfig, run_dir: Path, dataset, accelerator, tracker, tr
     def build(tmp: Path) -> None:  # holding the lock: train this job's VAE, then publish it
         tracker.begin_stage("vae")
         trained.append(train())
-        link_tree(trained[0], tmp)
+        link_files(trained[0], tmp)
         write_json(tmp / META_FILE, {"key": key, "ingredients": ingredients, "trained_in": str(run_dir),
                                      "created": time.time()})
 
@@ -104,8 +105,9 @@ def obtain_vae(cfg: DictConfig, run_dir: Path, dataset, accelerator, tracker, tr
         _build_once_all_ranks(entry, build, train, trained, run_dir, accelerator)
     tracker.set_summary({"vae/key": key})
     if trained:
-        log.info("VAE: trained by this job and shared as %s (key %s) with the later jobs of the same VAE settings",
-                 entry, key)
+        if accelerator.is_main_process:
+            log.info("VAE: trained by this job and shared as %s (key %s) with the later jobs of the same VAE "
+                     "settings", entry, key)
         return trained[0]
     if accelerator.is_main_process:
         link_tree(entry, final)
@@ -134,7 +136,7 @@ def _build_once_all_ranks(entry: Path, build, train, trained: list, run_dir: Pat
         try:
             build_once(entry, build_marked, ready=is_complete, directory=True)
         finally:
-            remove_dir(marker) if marker.is_dir() else marker.unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
         return
     while not is_complete(entry):
         if marker.exists():
