@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import List
 
 log = logging.getLogger(__name__)
+# optuna's SQLite storage loads alembic, whose INFO lines ("setup plugin ...") would fill the sweep's console.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 try:
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
