@@ -27,9 +27,11 @@ from tests.test_reliability import CHILD, TIMEOUT, _env, _state_dicts_equal
 from tests.wandb_offline import inspect_summary, offline_runs
 
 LDM_STEPS = 40  # long enough that the preemption lands mid-training however busy the machine is
-ARGS = ["experiment=smoke", "logger=wandb", "vae_train.max_steps=4", f"train.max_steps={LDM_STEPS}",
-        "vae_train.save_interval=2", "train.save_interval=4", "hardware.batch_size=4", "train.sample_interval=1000",
-        "sampler.num_inference_steps=2", "train.grid_per_user=1", "vae_train.scale_samples=16"]
+# vae_train.share=false: both launchers train their own VAE, so the VAE weights are compared too (not reused).
+ARGS = ["experiment=smoke", "logger=wandb", "vae_train.share=false", "vae_train.max_steps=4",
+        f"train.max_steps={LDM_STEPS}", "vae_train.save_interval=2", "train.save_interval=4", "hardware.batch_size=4",
+        "train.sample_interval=1000", "sampler.num_inference_steps=2", "train.grid_per_user=1",
+        "vae_train.scale_samples=16"]
 
 
 def _submitit_tasks(root_pid: int) -> list[int]:
