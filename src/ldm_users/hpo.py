@@ -6,9 +6,10 @@ or `eval/user_acc/top1` with `eval.enabled=true`), optimised in `hpo.direction` 
 
 A trial whose training failed returns the worst value for the direction (+inf when minimising, -inf when
 maximising). That is a value the Optuna sweeper accepts: the study records the trial as complete but never best,
-TPE learns to avoid its region, and the next trial starts. (hydra-optuna-sweeper 1.2/1.3 turns a NaN or a
-non-number into an exception that ends the whole study.) The job's own status.json and W&B run still say failed,
-and the sweep exits 1 at the end as for any failed job.
+TPE learns to avoid its region, and the next trial starts. (With hydra-optuna-sweeper 1.2/1.3 a NaN would end the
+whole study: optuna refuses it even when the sweeper then reports the trial as failed; and a non-number counts
+against `max_failure_rate`, 0 by default.) The job's own status.json and W&B run still say failed, and the sweep
+exits 1 at the end as for any failed job.
 """
 
 from __future__ import annotations
