@@ -29,9 +29,11 @@ def optimizing(monkeypatch):
 
 def test_objective_is_the_metric_and_the_worst_value_for_a_failed_trial(optimizing):
     cfg = compose("experiment=smoke")
-    assert hpo.objective(cfg, {"summary": {"final/loss": 0.25}}) == 0.25
+    loss = cfg.hpo.metric  # the default: a smoothed loss, minimised
+    assert loss.endswith("loss_smoothed") and cfg.hpo.direction == "minimize"
+    assert hpo.objective(cfg, {"summary": {loss: 0.25}}) == 0.25
     assert hpo.objective(cfg, None) == math.inf  # a failed job: never the best, and the study goes on
-    assert hpo.objective(cfg, {"summary": {"final/loss": float("nan")}}) == math.inf
+    assert hpo.objective(cfg, {"summary": {loss: float("nan")}}) == math.inf
     up = compose("experiment=smoke", "hpo.metric=eval/user_acc/top1", "hpo.direction=maximize")
     assert hpo.objective(up, {"summary": {"eval/user_acc/top1": 0.75}}) == 0.75
     assert hpo.objective(up, None) == -math.inf
@@ -181,3 +183,14 @@ def test_wandb_agent_command_runs_ldm_train(tmp_path):
     job = yaml.safe_load(out.stdout)
     assert job["model"]["name"] == values["model"] and job["train"]["lr"] == pytest.approx(values["train.lr"])
     assert job["hpo"]["metric"] == sweep["metric"]["name"]
+
+
+def test_under_wandb_agent_the_run_keeps_the_agents_run_id(tmp_path, monkeypatch):
+    from ldm_users.tracking.wandb import _claim_run_id, stored_run_id
+
+    own = _claim_run_id(tmp_path)  # a run dir's own id, kept across reruns
+    assert _claim_run_id(tmp_path) == own == stored_run_id(tmp_path)
+    monkeypatch.setenv("WANDB_RUN_ID", "agent123")
+    assert _claim_run_id(tmp_path) == own  # WANDB_RUN_ID alone (no sweep) does not take over a run dir
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep42")
+    assert _claim_run_id(tmp_path) == "agent123" == stored_run_id(tmp_path)  # the sweep sees the run it started

@@ -1,8 +1,9 @@
 """The number a hyperparameter search optimises: what `ldm-train`'s Hydra main returns.
 
 An optimising sweeper (`hydra/sweeper=optuna`, set by `hparams_search=...`) launches ldm-train jobs and reads
-each job's return value as its objective. The objective is the run-summary key `hpo.metric` (e.g. `final/loss`,
-or `eval/user_acc/top1` with `eval.enabled=true`), optimised in `hpo.direction` (minimize | maximize).
+each job's return value as its objective. The objective is the run-summary key `hpo.metric` (e.g.
+`train/loss_smoothed`, or `eval/user_acc/top1` with `eval.enabled=true`), optimised in `hpo.direction`
+(minimize | maximize).
 
 A trial whose training failed returns the worst value for the direction (+inf when minimising, -inf when
 maximising). That is a value the Optuna sweeper accepts: the study records the trial as complete but never best,
@@ -49,7 +50,8 @@ def check(cfg: DictConfig) -> None:
     if not is_optimizing():
         return
     if metric is None:
-        raise ConfigError("an optimising sweep needs an objective: set hpo.metric (e.g. hpo.metric=final/loss).")
+        raise ConfigError("an optimising sweep needs an objective: set hpo.metric "
+                          "(e.g. hpo.metric=train/loss_smoothed).")
     if str(cfg.stage) == "vae":
         raise ConfigError(f"hpo.metric={metric} comes from the LDM stage, but stage=vae: use stage=all or stage=ldm.")
     if metric.startswith("eval/") and not (cfg.get("eval") and cfg.eval.get("enabled", False)):

@@ -92,10 +92,10 @@ def run(cfg: DictConfig) -> dict:
 
                 result["eval"] = evaluate_after_training(cfg, export, run_dir, dataset, tracker,
                                                          accelerator.is_main_process)
-            result["summary"] = dict(tracker.summary)
         exit_code = 0
     finally:
         tracker.finish(exit_code)
+    result["summary"] = dict(tracker.summary)  # after finish: with the figures derived from the whole history
     if accelerator.is_main_process:
         lines = [f"ldm-train: done. run dir: {run_dir}"]
         if "export" in result:

@@ -78,10 +78,14 @@ def stored_run_id(run_dir: Path) -> str | None:
 def _claim_run_id(run_dir: Path) -> str:
     """The run dir's W&B id, created and stored BEFORE wandb.init: a kill right after init must not leave a run
     the next attempt cannot find (it would start a second run for the same run dir)."""
-    run_id = stored_run_id(run_dir)
+    # Under `wandb agent` (a W&B sweep) the agent has chosen this run's id: another id would be a run the sweep
+    # never sees finish.
+    agent_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+    run_id = agent_id or stored_run_id(run_dir)
     if run_id is None:
         # W&B's own ids look like this (8 lowercase letters/digits); its generator is not public API.
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if run_id != stored_run_id(run_dir):
         write_json(Path(run_dir) / RUN_ID_FILE, {"id": run_id})
     return run_id
 
