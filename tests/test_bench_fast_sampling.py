@@ -7,7 +7,7 @@ import torch
 from conftest import compose
 from hydra.utils import instantiate
 
-from ldm_users.perf.fast_sampling import GraphedGuidance, resolve_mode
+from ldm_users.inference.fast_sampling import FastGuidance, GraphedGuidance, resolve_mode, use_fast_sampling
 
 
 def cpu_capture(calls):
@@ -22,24 +22,25 @@ def cpu_capture(calls):
 
 
 def tiny_pipeline(model="unet_tiny"):
+    from ldm_users.inference.export import make_pipeline
+    from ldm_users.inference.samplers import make_scheduler
     from ldm_users.models.build import build_denoiser, build_vae
-    from ldm_users.training.ldm_stage import make_pipeline
 
     cfg = compose("experiment=smoke", f"model={model}")
     torch.manual_seed(0)
     users = [f"u{i}" for i in range(int(cfg.data.num_users))]
-    return make_pipeline(build_vae(cfg).eval(), build_denoiser(cfg, users).eval(), instantiate(cfg.noise_scheduler), users)
+    scheduler = make_scheduler(cfg.sampler, instantiate(cfg.noise_scheduler).config)
+    return make_pipeline(build_vae(cfg).eval(), build_denoiser(cfg, users).eval(), scheduler, users)
 
 
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
-def test_graphed_guidance_gives_the_eager_images(model, monkeypatch):
+def test_graphed_guidance_gives_the_eager_images(model):
     pipe = tiny_pipeline(model)
     kwargs = {"users": [0, 1, 2], "num_inference_steps": 4, "guidance_scale": 3.0, "output_type": "pt",
               "batch_size": 2, "show_progress": False}
     eager = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
     calls = []
-    graphed = GraphedGuidance(capture=cpu_capture(calls))
-    monkeypatch.setattr(pipe, "_fast_predictor", lambda denoiser, device: graphed)
+    pipe.set_predictor(GraphedGuidance(capture=cpu_capture(calls)))
     fast = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
     torch.testing.assert_close(fast, eager, rtol=0, atol=1e-6)
     # Chunks of 2 and 1 images: two captures (CFG doubles the batch inside), reused across the 4 steps.
@@ -62,13 +63,21 @@ def test_modes_resolve_safely(caplog):
         resolve_mode("fastest", cpu)
 
 
-def test_training_mode_never_uses_graphs():
+def test_training_mode_never_uses_graphs(monkeypatch):
     pipe = tiny_pipeline()
-    pipe.fast_sampling = "compile"
+    use_fast_sampling(pipe, "compile")
+    assert isinstance(pipe.predictor, FastGuidance)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    kwargs = {"users": [0], "num_inference_steps": 2, "output_type": "pt", "show_progress": False}
     pipe.denoiser.backbone.train()
-    assert pipe._fast_predictor(pipe.denoiser, torch.device("cpu")) is None
+    pipe(**kwargs)
+    assert compiled == []  # dropout in train mode: the plain call
     pipe.denoiser.backbone.eval()
-    assert pipe._fast_predictor(pipe.denoiser, torch.device("cpu")) is not None
+    pipe(**kwargs)
+    assert len(compiled) == 1
+    use_fast_sampling(pipe, "off")
+    assert pipe.predictor is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -76,6 +85,6 @@ def test_cuda_graph_matches_eager_on_gpu():
     pipe = tiny_pipeline().to("cuda")
     kwargs = {"users": [0, 1], "num_inference_steps": 5, "guidance_scale": 3.0, "output_type": "pt", "show_progress": False}
     eager = pipe(generator=torch.Generator("cuda").manual_seed(1), **kwargs).images
-    pipe.fast_sampling = "cuda_graph"
+    use_fast_sampling(pipe, "cuda_graph")
     fast = pipe(generator=torch.Generator("cuda").manual_seed(1), **kwargs).images
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)

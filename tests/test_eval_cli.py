@@ -116,8 +116,8 @@ def test_eval_config_and_the_run_data_settings(tmp_path):
     from omegaconf import OmegaConf
 
     from ldm_users.config import compose as compose_any
-    from ldm_users.cli.eval import resolve_export
     from ldm_users.evaluation.provenance import adopt_trained_settings
+    from ldm_users.inference.loading import resolve_export
 
     cfg = compose_any(["export_path=x"], config_name="eval")
     assert {"data", "sampler", "paths", "logger", "eval"} <= set(cfg)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ldm_users.models.build import build_denoiser, build_vae, count_parameters
-from ldm_users.models.condition import UserConditionEncoder
+from ldm_users.pipeline import UserConditionEncoder
 from tests.conftest import compose
 
 

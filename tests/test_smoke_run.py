@@ -6,7 +6,7 @@ def test_tiny_run_writes_export_and_grid(tiny_run):
     index = json.loads((export / "model_index.json").read_text())
     assert index["_class_name"] == "UserLDMPipeline"
     assert index["unet"][1] == "UNet2DConditionModel"
-    assert index["user_encoder"] == ["ldm_users.models.condition", "UserConditionEncoder"]
+    assert index["user_encoder"] == ["ldm_users.pipeline.condition", "UserConditionEncoder"]
     assert index["user_names"] == [f"user_{i:02d}" for i in range(4)]
     assert (tiny_run["run_dir"] / "ldm" / "samples" / "final.png").exists()
     vae_cfg = json.loads((export / "vae" / "config.json").read_text())

@@ -113,7 +113,7 @@ def test_export_pipeline_matches_ldm_sample(tiny_run, tmp_path):
 
 
 def test_sampling_from_a_checkpoint_uses_ema_weights(tiny_run):
-    from ldm_users.loading import load_pipeline
+    from ldm_users.inference.loading import load_pipeline
 
     checkpoint = ckpt.latest_checkpoint(tiny_run["run_dir"] / "ldm" / "checkpoints")
     ema = load_pipeline(checkpoint, use_ema=True)

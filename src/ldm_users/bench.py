@@ -25,9 +25,12 @@ from omegaconf import DictConfig, open_dict
 
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError, exit_on_user_error
+from ldm_users.inference.device import move_pipeline, resolve_device_dtype
+from ldm_users.inference.export import make_pipeline
+from ldm_users.inference.fast_sampling import resolve_mode, use_fast_sampling
+from ldm_users.inference.samplers import make_scheduler
 from ldm_users.models.build import build_denoiser, build_vae
 from ldm_users.perf.configs import resolve_list, with_group
-from ldm_users.perf.fast_sampling import resolve_mode
 from ldm_users.perf.flops import denoiser_train_flops_per_image, peak_flops
 from ldm_users.perf.live_memory import LiveMemory
 from ldm_users.perf.memory_model import (
@@ -150,7 +153,7 @@ def our_trainer(cfg: DictConfig, device: torch.device, compile_model: bool):
     model = build_denoiser(cfg, _users(cfg))
     if hw.get("gradient_checkpointing"):
         model.backbone.enable_gradient_checkpointing()
-    channels_last = bool(hw.get("channels_last")) and not model.is_dit
+    channels_last = bool(hw.get("channels_last")) and model.kind == "unet"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), float(tcfg.lr), float(tcfg.weight_decay),
@@ -200,23 +203,17 @@ def time_training(make, cfg, device) -> dict:
 # -- sampling ----------------------------------------------------------------------------------------------------
 
 def sampling_pipeline(cfg: DictConfig, device: torch.device):
-    from ldm_users.loading import resolve_device_dtype
-    from ldm_users.training.ldm_stage import make_pipeline
-
     _, dtype = resolve_device_dtype(device.type, "auto")
     vae = build_vae(cfg).eval()
     denoiser = build_denoiser(cfg, _users(cfg)).eval()
-    pipe = make_pipeline(vae, denoiser, instantiate(cfg.noise_scheduler), _users(cfg))
-    pipe.to(device)
-    for module in (pipe.vae, denoiser.backbone, denoiser.condition):
-        if module is not None:
-            module.to(dtype)
-    return pipe, dtype
+    scheduler = make_scheduler(cfg.sampler, instantiate(cfg.noise_scheduler).config)
+    pipe = make_pipeline(vae, denoiser, scheduler, _users(cfg))
+    return move_pipeline(pipe, device, dtype), dtype
 
 
 def time_sampling(pipe, cfg, device, fast: str) -> dict:
     scfg = cfg.bench.sample
-    pipe.fast_sampling = fast
+    use_fast_sampling(pipe, fast)
     num_users = len(pipe.user_names)
     big = int(scfg.batch_size)
     kwargs = {"num_inference_steps": int(scfg.num_inference_steps), "guidance_scale": float(scfg.guidance_scale),

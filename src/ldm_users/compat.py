@@ -9,27 +9,22 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import ConfigError
+from ldm_users.models.build import model_kind
 
 
 def _get(cfg: DictConfig, key: str):
     return OmegaConf.select(cfg, key, default=None)
 
 
-_DENOISER_KINDS = {"UNet2DConditionModel": "unet", "DiTTransformer2DModel": "dit"}
-
-
-def denoiser_kind(cfg: DictConfig) -> str | None:
-    """unet | dit, from the backbone class named in model.denoiser._target_ (None for an unknown class).
-    Interim: replaced by models.build.model_kind (one table with the pipeline's kind_of)."""
-    target = str(OmegaConf.select(cfg, "model.denoiser._target_", default=""))
-    return _DENOISER_KINDS.get(target.rsplit(".", 1)[-1])
-
-
 def check_compatibility(cfg: DictConfig, dataset_num_users: int | None = None) -> list[str]:
     problems: list[str] = []
     vae = cfg.vae.autoencoder
     den = cfg.model.denoiser
-    kind = denoiser_kind(cfg)
+    try:
+        kind = model_kind(cfg)
+    except ConfigError as err:  # an unknown backbone is one problem among the others
+        problems.append(str(err))
+        kind = None
     resolution = int(cfg.data.resolution)
 
     latent_channels = int(vae.latent_channels)
@@ -88,9 +83,7 @@ def check_compatibility(cfg: DictConfig, dataset_num_users: int | None = None) -
                             f"use a divisor, e.g. model.denoiser.patch_size=2.")
         model_users = den.num_embeds_ada_norm
         users_key = "model.denoiser.num_embeds_ada_norm"
-    else:
-        problems.append(f"model.denoiser._target_={den.get('_target_')} is not a known backbone: use "
-                        f"diffusers.UNet2DConditionModel or diffusers.DiTTransformer2DModel (e.g. model=unet_medium).")
+    else:  # unknown (reported above) or flux (its checks come with its call path, issue 14)
         model_users = None
         users_key = ""
 

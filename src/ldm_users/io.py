@@ -7,6 +7,7 @@ two processes building the same entry never write into each other's temporary fo
 
 Caches shared by several processes (the ranks of a job, the jobs of a sweep, several nodes on one shared file
 system) are built once, under a file lock, by `build_once`: the others wait on the lock, then read the result.
+Tensors are read back from safetensors only (`read_tensors`), so reading a file can never run code.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
+from safetensors.torch import load_file
 
-from ldm_users.errors import DataError
+from ldm_users.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +165,12 @@ def _size(n: float) -> str:
     while n >= 1000 and i < len(units) - 1:
         n, i = n / 1000, i + 1
     return f"{n:.1f} {units[i]}"
+
+
+def read_tensors(path: str | os.PathLike) -> dict:
+    """Tensors from a safetensors file (never a pickle: reading cannot run code); a torn or foreign file is a
+    CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"cannot read {path}: {err}. The file is truncated or not safetensors.") from None

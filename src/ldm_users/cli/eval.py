@@ -16,24 +16,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_users.config import config_dir
-from ldm_users.errors import ConfigError, exit_on_user_error
+from ldm_users.errors import exit_on_user_error
 from ldm_users.evaluation.evaluate import evaluate_export, log_to_tracker
 from ldm_users.evaluation.provenance import adopt_trained_settings, trained_identity, trained_run_dir
 from ldm_users.formatting import fmt
+from ldm_users.inference.loading import adopt_run_sampler, resolve_export
 from ldm_users.runtime import is_multirun, override_dirname
 from ldm_users.tracking import make_tracker
 
 log = logging.getLogger("ldm_users.cli.eval")
-
-
-def resolve_export(path) -> Path:
-    """An export dir, or a run dir holding export/ (checkpoint folders are accepted by the loader too)."""
-    path = Path(str(path))
-    if not path.exists():
-        raise ConfigError(f"export_path={path} does not exist: give an export dir (from ldm-train) or a run dir.")
-    if (path / "export" / "model_index.json").exists():
-        return path / "export"
-    return path
 
 
 def eval_tracker(cfg: DictConfig, export: Path, out_dir: Path):
@@ -61,8 +52,9 @@ def eval_tracker(cfg: DictConfig, export: Path, out_dir: Path):
 
 
 def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict:
-    export = resolve_export(cfg.export_path)
+    export = resolve_export(cfg.export_path, "export_path")
     adopt_trained_settings(cfg, export, list(overrides or []))
+    adopt_run_sampler(cfg, export, list(overrides or []))  # the run's sampler unless the command line sets one
     tracker = eval_tracker(cfg, export, out_dir)
     exit_code = 1
     try:

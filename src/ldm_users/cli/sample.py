@@ -12,19 +12,15 @@ from omegaconf import DictConfig
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError, exit_on_user_error
 from ldm_users.grid import user_rows_grid
-from ldm_users.loading import load_pipeline, parse_users, resolve_device_dtype, set_sampler
+from ldm_users.inference.device import move_pipeline, resolve_device_dtype
+from ldm_users.inference.loading import adopt_run_sampler, load_pipeline, parse_users
+from ldm_users.inference.samplers import call_kwargs
 
 
 def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
-    pipe = load_pipeline(cfg.model_path, use_ema=bool(cfg.use_ema))
-    set_sampler(pipe, cfg.sampler)
-    pipe.fast_sampling = str(cfg.sampler.get("fast", "off"))  # CUDA graphs on GPUs (perf/fast_sampling.py)
+    pipe = load_pipeline(cfg.model_path, use_ema=bool(cfg.use_ema), sampler=cfg.sampler)
     device, dtype = resolve_device_dtype(str(cfg.device), str(cfg.dtype))
-    pipe.to(device)
-    if dtype != torch.float32:  # the VAE stays fp32; the denoiser runs in the reduced precision
-        pipe.denoiser.backbone.to(dtype)
-        if pipe.user_encoder is not None:
-            pipe.user_encoder.to(dtype)
+    move_pipeline(pipe, device, dtype)
     users = parse_users(cfg.users, pipe)
     try:
         ids = pipe.user_ids(users)
@@ -32,9 +28,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
         raise ConfigError(f"users={list(users)}: {err}") from None
     per_user = int(cfg.num_images)
     generator = torch.Generator(device).manual_seed(int(cfg.seed))
-    images = pipe(users=ids, num_images_per_user=per_user, num_inference_steps=int(cfg.sampler.num_inference_steps),
-                  guidance_scale=float(cfg.sampler.guidance_scale), eta=float(cfg.sampler.get("eta", 0.0)),
-                  generator=generator, batch_size=int(cfg.batch_size)).images
+    images = pipe(users=ids, num_images_per_user=per_user, generator=generator, batch_size=int(cfg.batch_size),
+                  **call_kwargs(cfg.sampler)).images
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     names = pipe.user_names
@@ -51,7 +46,9 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
 @hydra.main(config_path=config_dir(), config_name="sample", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    generate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hc = HydraConfig.get()
+    adopt_run_sampler(cfg, cfg.model_path, list(hc.overrides.task))  # the run's sampler unless overridden
+    generate(cfg, Path(hc.runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ from ldm_users.errors import ConfigError
 from ldm_users.evaluation import metrics as M
 from ldm_users.evaluation.classifier import TrainedClassifier, load_or_train, resize_for
 from ldm_users.grid import make_grid, to_uint8
+from ldm_users.inference.device import move_pipeline, resolve_device_dtype
+from ldm_users.inference.loading import load_pipeline
+from ldm_users.inference.samplers import call_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,6 @@ def _finite(x):
 
 
 def _device(ecfg) -> tuple[torch.device, torch.dtype]:
-    from ldm_users.loading import resolve_device_dtype
-
     return resolve_device_dtype(str(ecfg.get("device", "auto")), str(ecfg.get("dtype", "auto")))
 
 
@@ -71,18 +72,12 @@ def check_matches(pipe, dataset: PreparedDataset) -> None:
 
 def generate_images(pipe, ecfg, sampler_cfg, num_users: int, device, dtype, show_progress: bool = True):
     """K images per user as uint8 NHWC (quantised exactly like saved PNGs and like the real data), and labels."""
-    pipe.to(device)
-    if dtype != torch.float32:  # the VAE stays fp32; the denoiser runs in the reduced precision
-        pipe.denoiser.backbone.to(dtype)
-        if pipe.user_encoder is not None:
-            pipe.user_encoder.to(dtype)
+    move_pipeline(pipe, device, dtype)
     per_user = int(ecfg.images_per_user)
     generator = torch.Generator(device).manual_seed(int(ecfg.seed))
-    images = pipe(users=list(range(num_users)), num_images_per_user=per_user,
-                  num_inference_steps=int(sampler_cfg.num_inference_steps),
-                  guidance_scale=float(sampler_cfg.guidance_scale), eta=float(sampler_cfg.get("eta", 0.0)),
-                  generator=generator, batch_size=int(ecfg.batch_size), output_type="pt",
-                  show_progress=show_progress).images
+    images = pipe(users=list(range(num_users)), num_images_per_user=per_user, generator=generator,
+                  batch_size=int(ecfg.batch_size), output_type="pt", show_progress=show_progress,
+                  **call_kwargs(sampler_cfg)).images
     labels = np.repeat(np.arange(num_users), per_user)
     return to_uint8(images), labels
 
@@ -254,7 +249,6 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
                     show_progress: bool = True) -> dict:
     """Generate from the model at model_path (export, run dir or checkpoint), score it, write metrics.json + grid."""
     from ldm_users.data.loading import prepare_dataset
-    from ldm_users.loading import load_pipeline, set_sampler
 
     start = time.perf_counter()
     ecfg = cfg.eval
@@ -264,8 +258,7 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device, dtype = _device(ecfg)
-    pipe = load_pipeline(model_path, use_ema=True)
-    set_sampler(pipe, cfg.sampler)
+    pipe = load_pipeline(model_path, use_ema=True, sampler=cfg.sampler)
     if dataset is None:
         dataset = prepare_dataset(cfg, show_progress=show_progress)
     check_matches(pipe, dataset)
@@ -279,10 +272,8 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
 
     metrics: dict = {
         "export_path": str(Path(model_path).resolve()),
-        "sampler": str(cfg.sampler.scheduler),
-        "guidance_scale": float(cfg.sampler.guidance_scale),
-        "num_inference_steps": int(cfg.sampler.num_inference_steps),
-        "eta": float(cfg.sampler.get("eta", 0.0)),
+        "sampler": str(cfg.sampler.name),
+        **call_kwargs(cfg.sampler),
         "images_per_user": int(ecfg.images_per_user),
         "seed": int(ecfg.seed),
         "num_users": dataset.num_users,

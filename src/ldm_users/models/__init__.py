@@ -1,1 +1,2 @@
-"""Models: the user condition encoder, the denoiser wrapper and their construction from config."""
+"""Construction of the VAE, the denoiser and the user encoder from the config (the model code itself is in
+ldm_users.pipeline, which every export ships)."""

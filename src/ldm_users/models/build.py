@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import ConfigError
 
-from ldm_users.models.denoiser import UserDenoiser
+from ldm_users.pipeline.denoiser import KINDS, UserDenoiser, kind_of
+
+
+def model_kind(cfg: DictConfig) -> str:
+    """"unet" | "dit" | "flux": the kind of `model.denoiser._target_`'s class (pipeline.denoiser.kind_of)."""
+    target = str(OmegaConf.select(cfg, "model.denoiser._target_", default=""))
+    try:
+        return kind_of(target)
+    except ValueError:  # maybe a subclass of a known backbone: its class knows its bases
+        try:
+            return kind_of(get_class(target))
+        except (ImportError, ValueError):
+            raise ConfigError(f"model.denoiser._target_={target} is not a known backbone: use "
+                              f"{', '.join('diffusers.' + name for name in KINDS)} or a subclass "
+                              f"(e.g. model=unet_medium).") from None
 
 
 def build_vae(cfg: DictConfig):

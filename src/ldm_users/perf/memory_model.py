@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from ldm_users.compat import denoiser_kind
 from ldm_users.errors import ConfigError
+from ldm_users.models.build import model_kind
 from ldm_users.perf.live_memory import LiveMemory
 
 GIB = 2**30
@@ -49,7 +49,7 @@ class Settings:
         hw = cfg.hardware
         return cls(precision=str(hw.mixed_precision), batch=int(hw.batch_size),
                    accum=int(hw.gradient_accumulation_steps), gradient_checkpointing=bool(hw.get("gradient_checkpointing")),
-                   channels_last=bool(hw.get("channels_last")) and denoiser_kind(cfg) != "dit",
+                   channels_last=bool(hw.get("channels_last")) and model_kind(cfg) == "unet",
                    fused_adam=bool(hw.get("fused_adam")), optimizer=str(hw.get("optimizer", "adamw")),
                    ema=bool(cfg.train.ema.enabled))
 

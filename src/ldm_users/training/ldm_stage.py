@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -25,6 +23,9 @@ from tqdm.auto import tqdm
 
 from ldm_users.data.folder import PreparedDataset
 from ldm_users.grid import user_rows_grid
+from ldm_users.inference.export import export_pipeline, make_pipeline
+from ldm_users.inference.loading import load_frozen_vae
+from ldm_users.inference.samplers import call_kwargs, make_scheduler
 from ldm_users.models.build import build_denoiser, count_parameters
 from ldm_users.pipeline import UserLDMPipeline
 from ldm_users.training import checkpoint as ckpt
@@ -38,36 +39,16 @@ from ldm_users.training.step import LdmTrainStep
 log = logging.getLogger(__name__)
 
 
-def make_pipeline(vae, denoiser, noise_scheduler, users: list[str]) -> UserLDMPipeline:
-    """A pipeline over in-memory components (training-time grids and the final export share it)."""
-    backbone = denoiser.backbone
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-    if denoiser.is_dit:
-        return UserLDMPipeline(vae=vae, scheduler=scheduler, transformer=backbone, user_names=users)
-    return UserLDMPipeline(vae=vae, scheduler=scheduler, unet=backbone, user_encoder=denoiser.condition,
-                           user_names=users)
-
-
 def sample_grid(pipe: UserLDMPipeline, cfg: DictConfig, users: list[str], path: Path, seed: int) -> Path:
     """One row per user (the first train.grid_users of them), train.grid_per_user images each."""
     shown = list(range(min(len(users), int(cfg.train.grid_users))))
     per_user = int(cfg.train.grid_per_user)
     generator = torch.Generator(pipe.device).manual_seed(seed)
-    images = pipe(users=shown, num_images_per_user=per_user, num_inference_steps=int(cfg.sampler.num_inference_steps),
-                  guidance_scale=float(cfg.sampler.guidance_scale), generator=generator, show_progress=False).images
+    images = pipe(users=shown, num_images_per_user=per_user, generator=generator, show_progress=False,
+                  **call_kwargs(cfg.sampler)).images
     path.parent.mkdir(parents=True, exist_ok=True)
     user_rows_grid(images, per_user, [users[u] for u in shown]).save(path)
     return path
-
-
-def export_pipeline(pipe: UserLDMPipeline, out_dir: Path) -> Path:
-    """diffusers layout (vae/, unet/ or transformer/, user_encoder/, scheduler/, model_index.json), atomically."""
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "users.json").write_text(json.dumps({"users": pipe.user_names}, indent=1))
-    ckpt.replace_dir(tmp, out_dir)
-    return out_dir
 
 
 class EMASwap:
@@ -118,11 +99,6 @@ def _load_ema(folder: Path, ema: EMAModel | None, model) -> None:
     ema.optimization_step = state["optimization_step"]
 
 
-def load_frozen_vae(vae_dir, device, dtype=torch.float32) -> AutoencoderKL:
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype, use_safetensors=True)  # never a pickle
-    return vae.to(device).eval().requires_grad_(False)
-
-
 @stop_on_signals
 def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir: Path, accelerator, tracker) -> Path:
     """Train (or resume) the denoiser; returns the export folder (None when stopped early on purpose)."""
@@ -148,7 +124,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     model = build_denoiser(cfg, dataset.users)
     if hw.get("gradient_checkpointing"):
         model.backbone.enable_gradient_checkpointing()
-    channels_last = bool(hw.get("channels_last")) and not model.is_dit
+    channels_last = bool(hw.get("channels_last")) and model.kind == "unet"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = {"denoiser": count_parameters(model.backbone), "user_encoder": count_parameters(model.condition),
@@ -186,7 +162,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
                                     write_extra=extra, total_limit=int(tcfg.checkpoints_total_limit))
 
     def pipeline():
-        return make_pipeline(vae, unwrapped, noise_scheduler, dataset.users)
+        return make_pipeline(vae, unwrapped, make_scheduler(cfg.sampler, noise_scheduler.config), dataset.users)
 
     order = DataOrder(len(dataset), int(cfg.seed))
     p_uncond, null_id = float(tcfg.p_uncond), unwrapped.null_id
@@ -275,7 +251,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
         with EMASwap(ema if use_ema else None, unwrapped):
             grid = sample_grid(pipeline(), cfg, dataset.users, stage_dir / "samples" / "final.png", int(cfg.seed))
             if cfg.export.enabled:
-                export_pipeline(pipeline(), export_dir)
+                export_pipeline(pipeline(), export_dir, cfg.sampler, noise_scheduler.config)
         tracker.log_image("samples/grid", grid, step=steps, caption="final, one row per user (EMA weights)")
         summary = {"final/loss": last_loss, "final/images_per_sec": last_rate, "params/denoiser": params["denoiser"],
                    "params/user_encoder": params["user_encoder"], "params/vae": params["vae"],

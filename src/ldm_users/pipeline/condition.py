@@ -1,4 +1,8 @@
-"""UserConditionEncoder: one learned embedding per user, fed to the UNet's cross-attention."""
+"""UserConditionEncoder: one learned embedding per user, fed to the UNet's cross-attention.
+
+Shipped verbatim in every export (as `user_encoder/condition.py`, a diffusers custom component): it imports only
+torch and diffusers.
+"""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ buffers, each step is one graph launch. Graphs are cached per (shape, dtype, gui
 storage addresses): in-place weight updates (EMA swaps, training) are seen by the replay; re-allocated
 weights (a dtype or device move) get a fresh capture instead of reading freed memory.
 
-Modes (`pipe.fast_sampling`, ldm-sample's `sampler.fast`): off | cuda_graph | compile | auto
-(auto = cuda_graph on CUDA, off elsewhere).
+Modes (`sampler.fast`, installed on a pipeline with `use_fast_sampling(pipe, mode)`, through the pipeline's
+predictor hook): off | cuda_graph | compile | auto (auto = cuda_graph on CUDA, off elsewhere).
 """
 
 from __future__ import annotations
@@ -16,24 +16,21 @@ import logging
 
 import torch
 
+from ldm_users.pipeline import guided
+
 log = logging.getLogger(__name__)
 MODES = ("off", "auto", "cuda_graph", "compile")
 
 
-def guided(denoiser, model_input, timesteps, ids, guidance_scale: float):
-    """Classifier-free guidance with the conditional and null branches in one batched forward."""
-    if guidance_scale == 1.0:
-        return denoiser(model_input, timesteps, ids)
-    null = torch.full_like(ids, denoiser.null_id)
-    out = denoiser(torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]), torch.cat([ids, null]))
-    cond, uncond = out.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
-
-
-def resolve_mode(mode: str | None, device: torch.device) -> str:
+def check_mode(mode: str | None) -> str:
     mode = str(mode or "off")
     if mode not in MODES:
         raise ValueError(f"fast sampling mode {mode!r}: use one of {', '.join(MODES)}")
+    return mode
+
+
+def resolve_mode(mode: str | None, device: torch.device) -> str:
+    mode = check_mode(mode)
     if mode == "auto":
         return "cuda_graph" if device.type == "cuda" else "off"
     if mode == "cuda_graph" and device.type != "cuda":
@@ -73,9 +70,9 @@ class GraphedGuidance:
     def _weights_key(denoiser) -> tuple:
         return tuple(p.data_ptr() for p in denoiser.parameters())
 
-    def __call__(self, denoiser, model_input, timesteps, ids, guidance_scale: float):
+    def __call__(self, denoiser, model_input, timesteps, ids, guidance_scale: float, guidance_rescale: float = 0.0):
         key = (tuple(model_input.shape), model_input.dtype, model_input.device, float(guidance_scale),
-               self._weights_key(denoiser))
+               float(guidance_rescale), self._weights_key(denoiser))
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
@@ -83,7 +80,7 @@ class GraphedGuidance:
             static = (model_input.clone(), timesteps.expand(model_input.shape[0]).clone(), ids.clone())
 
             def fn(x, t, u):
-                return guided(denoiser, x, t, u, guidance_scale)
+                return guided(denoiser, x, t, u, guidance_scale, guidance_rescale)
 
             replay, out = self.capture(fn, static)
             entry = self.graphs[key] = (static, replay, out)
@@ -102,8 +99,35 @@ class CompiledDenoiser:
         self.compiled = None
         self.source = None
 
-    def __call__(self, denoiser, model_input, timesteps, ids, guidance_scale: float):
+    def __call__(self, denoiser, model_input, timesteps, ids, guidance_scale: float, guidance_rescale: float = 0.0):
         if self.source is not denoiser.backbone:
             self.source = denoiser.backbone
             self.compiled = torch.compile(denoiser)
-        return guided(self.compiled, model_input, timesteps, ids, guidance_scale)
+        return guided(self.compiled, model_input, timesteps, ids, guidance_scale, guidance_rescale)
+
+
+class FastGuidance:
+    """The pipeline's predictor for a mode: the replayed call where the mode resolves to one on the device at hand;
+    the plain guided call where it resolves to off, or while the denoiser is in train mode (dropout must not be
+    frozen into a graph)."""
+
+    def __init__(self, mode: str):
+        self.mode = check_mode(mode)  # an unknown mode fails here, not at the first step
+        self.resolved: dict = {}  # device type -> mode (warn once, not at every step)
+        self.replays: dict = {}  # mode -> GraphedGuidance | CompiledDenoiser
+
+    def __call__(self, denoiser, model_input, timesteps, ids, guidance_scale: float, guidance_rescale: float = 0.0):
+        device = model_input.device
+        if device.type not in self.resolved:
+            self.resolved[device.type] = resolve_mode(self.mode, device)
+        mode = self.resolved[device.type]
+        if mode == "off" or denoiser.backbone.training:
+            return guided(denoiser, model_input, timesteps, ids, guidance_scale, guidance_rescale)
+        if mode not in self.replays:
+            self.replays[mode] = GraphedGuidance() if mode == "cuda_graph" else CompiledDenoiser()
+        return self.replays[mode](denoiser, model_input, timesteps, ids, guidance_scale, guidance_rescale)
+
+
+def use_fast_sampling(pipe, mode: str | None) -> None:
+    """Route the pipeline's denoiser calls through `mode` (sampler.fast); off restores the plain call."""
+    pipe.set_predictor(None if check_mode(mode) == "off" else FastGuidance(mode))

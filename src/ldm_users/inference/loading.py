@@ -1,0 +1,122 @@
+"""Load a trained model for sampling or evaluation from an export, a run dir or a checkpoint.
+
+Exports are loaded with UserLDMPipeline.from_pretrained, which never imports the code shipped in the export's
+folder; weights are only read from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_users.errors import ConfigError
+from ldm_users.inference.export import SAMPLER_FILE, make_pipeline
+from ldm_users.inference.samplers import adopt_recorded_sampler, make_scheduler, use_sampler
+from ldm_users.io import read_tensors
+from ldm_users.models.build import build_denoiser
+from ldm_users.pipeline import UserLDMPipeline
+
+log = logging.getLogger(__name__)
+
+
+def resolve_export(path, key: str = "model_path") -> Path:
+    """An export dir, a checkpoint dir, or a run dir (-> its export/). `key` names the setting in errors."""
+    path = Path(str(path))
+    if not path.exists():
+        raise ConfigError(f"{key}={path} does not exist: give an export dir, a run dir or a checkpoint dir.")
+    if (path / "export" / "model_index.json").exists():
+        return path / "export"
+    return path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "trainer_state.json").exists() and (path / "config.yaml").exists()
+
+
+def load_frozen_vae(vae_dir, device, dtype=torch.float32) -> AutoencoderKL:
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype, use_safetensors=True)  # never a pickle
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def recorded_sampling(model_path) -> tuple[DictConfig | None, dict | None]:
+    """(the sampler settings the model was trained with, its training noise-scheduler config), each None when the
+    export or checkpoint does not record it (exports written before sampler.json existed)."""
+    path = resolve_export(model_path)
+    if _is_checkpoint(path):
+        cfg = OmegaConf.load(path / "config.yaml")
+        noise = dict(instantiate(cfg.noise_scheduler).config)
+        sampler = cfg.get("sampler")
+        return (sampler if _is_target_sampler(sampler) else None), noise
+    if (path / SAMPLER_FILE).exists():
+        record = json.loads((path / SAMPLER_FILE).read_text())
+        return OmegaConf.create(record["sampler"]), record["noise_scheduler"]
+    return None, None
+
+
+def _is_target_sampler(sampler) -> bool:
+    # Runs from before the sampler group used `_target_` record `scheduler: ddim`: not reusable, skipped.
+    return sampler is not None and isinstance(sampler.get("scheduler"), DictConfig)
+
+
+def _load_checkpoint_pipeline(checkpoint: Path, use_ema: bool) -> UserLDMPipeline:
+    cfg = OmegaConf.load(checkpoint / "config.yaml")
+    users = json.loads((checkpoint / "users.json").read_text())["users"]
+    vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else checkpoint.parents[2] / "vae" / "final"
+    if not (vae_dir / "config.json").exists():
+        raise ConfigError(f"checkpoint {checkpoint} needs its VAE, expected at {vae_dir}; sample from the run's "
+                          f"export instead, or keep the run dir together.")
+    denoiser = build_denoiser(cfg, users)
+    weights = checkpoint / ("ema.safetensors" if use_ema and (checkpoint / "ema.safetensors").exists()
+                            else "model.safetensors")
+    state = read_tensors(weights)
+    missing, unexpected = denoiser.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{weights} does not match the model in {checkpoint}/config.yaml "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    noise_scheduler = instantiate(cfg.noise_scheduler)
+    sampler = cfg.get("sampler")
+    # The run's sampler when it is recorded in today's form, else the training scheduler itself.
+    scheduler = make_scheduler(sampler, noise_scheduler.config) if _is_target_sampler(sampler) else noise_scheduler
+    return make_pipeline(load_frozen_vae(vae_dir, "cpu"), denoiser.eval(), scheduler, users)
+
+
+def load_pipeline(model_path, use_ema: bool = True, sampler: DictConfig | None = None) -> UserLDMPipeline:
+    """An export dir, a run dir (its export/), or a checkpoint-<step> dir -> UserLDMPipeline on the CPU.
+
+    With `sampler` (a sampler config), the pipeline samples with it over the model's training noise schedule;
+    without, with the sampler the model was trained with.
+    """
+    path = resolve_export(model_path)
+    if (path / "model_index.json").exists():
+        pipe = UserLDMPipeline.from_pretrained(path)  # builds components from installed code only
+    elif _is_checkpoint(path):
+        pipe = _load_checkpoint_pipeline(path, use_ema)
+    else:
+        raise ConfigError(f"model_path={path} is neither an export (model_index.json), a run dir with export/, nor "
+                          f"a checkpoint folder (trainer_state.json).")
+    if sampler is not None:
+        noise_config = recorded_sampling(path)[1] or pipe.scheduler.config
+        use_sampler(pipe, sampler, noise_config)
+    return pipe
+
+
+def adopt_run_sampler(cfg: DictConfig, model_path, overrides: list[str]) -> bool:
+    """cfg.sampler := the sampler settings the model was trained with, except those the command line sets."""
+    adopted = adopt_recorded_sampler(cfg, recorded_sampling(model_path)[0], overrides)
+    if adopted:
+        log.info("sampler settings of the run: %s", OmegaConf.to_container(cfg.sampler))
+    return adopted
+
+
+def parse_users(users, pipe: UserLDMPipeline) -> list:
+    if users in (None, "all"):
+        return list(range(len(pipe.user_names)))
+    if isinstance(users, (str, int)):
+        users = [users]
+    return list(users)

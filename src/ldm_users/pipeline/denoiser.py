@@ -1,0 +1,74 @@
+"""One denoiser interface whatever the backbone: (noisy latents, timesteps, user ids) -> prediction.
+
+`kind_of` is the one place that knows which kind of backbone a model is ("unet" | "dit" | "flux"), decided from
+its class; everything else asks it (training, export, the memory model, the compatibility check). Shipped verbatim
+in every export beside pipeline_user_ldm.py: it imports only torch, diffusers and its sibling by relative import.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .condition import UserConditionEncoder
+
+# Backbone class name -> how it takes the users. Subclasses of these classes get their base's kind.
+KINDS = {"UNet2DConditionModel": "unet", "DiTTransformer2DModel": "dit", "FluxTransformer2DModel": "flux"}
+
+
+def kind_of(backbone_or_class_name) -> str:
+    """"unet" | "dit" | "flux" for a backbone module, its class, or a class name (a dotted `_target_` works)."""
+    if isinstance(backbone_or_class_name, str):
+        names = [backbone_or_class_name.rsplit(".", 1)[-1]]
+    else:
+        cls = backbone_or_class_name if isinstance(backbone_or_class_name, type) else type(backbone_or_class_name)
+        names = [c.__name__ for c in cls.__mro__]
+    for name in names:
+        if name in KINDS:
+            return KINDS[name]
+    raise ValueError(f"{names[0]} is not a known denoiser backbone: use one of {', '.join(KINDS)} "
+                     f"(or a subclass of one).")
+
+
+def disable_internal_label_dropout(backbone: nn.Module) -> None:
+    # diffusers' DiT drops labels itself (10%, from the global RNG) in train mode; we do classifier-free
+    # dropout in the trainer (train.p_uncond) so it is configurable and reproducible. The table keeps
+    # its extra null row because that is sized at construction.
+    for module in backbone.modules():
+        if hasattr(module, "token_drop") and hasattr(module, "dropout_prob"):
+            module.dropout_prob = 0.0
+
+
+class UserDenoiser(nn.Module):
+    """A UNet2DConditionModel + UserConditionEncoder (users through cross-attention), or a DiTTransformer2DModel
+    with users as its class labels. `kind` says which."""
+
+    def __init__(self, backbone: nn.Module, condition: UserConditionEncoder | None = None):
+        super().__init__()
+        self.kind = kind_of(backbone)
+        if (self.kind == "unet") != (condition is not None):
+            raise ValueError(f"a {type(backbone).__name__} backbone takes "
+                             f"{'a' if self.kind == 'unet' else 'no'} user condition encoder.")
+        self.backbone = backbone
+        self.condition = condition
+        if self.kind == "dit":
+            disable_internal_label_dropout(backbone)
+
+    @property
+    def null_id(self) -> int:
+        """Index of the unconditional (null) user: the extra row of the user table."""
+        if self.kind == "unet":
+            return self.condition.null_id
+        return self.backbone.config.num_embeds_ada_norm  # DiT: the label table's extra CFG row
+
+    @property
+    def num_users(self) -> int:
+        return self.null_id
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, user_ids: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dit":
+            return self.backbone(latents, timestep=timesteps, class_labels=user_ids, return_dict=False)[0]
+        if self.kind == "unet":
+            context = self.condition(user_ids).to(latents.dtype)
+            return self.backbone(latents, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+        raise NotImplementedError(f"denoising with a {self.kind} backbone is not wired yet (issue 14).")
