@@ -152,4 +152,4 @@ class SweepStatusCallback(Callback):
             lines += [f"  job {s.get('job')} ({s.get('name')}): {s.get('error')}  [{s['job_dir']}]" for s in failed]
             print("\n".join(lines), file=sys.stderr, flush=True)
             sys.exit(1)
-        print(f"ldm-train: all {len(statuses)} jobs finished. Compare them: ldm-report {sweep_dir}", flush=True)
+        print(f"ldm-train: all {len(statuses)} jobs finished. Compare them:\n  $ ldm-report {sweep_dir}", flush=True)

@@ -69,7 +69,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
           f"KID {fmt(metrics['kid/classifier'], 3)}, FID(Inception) {fmt(metrics['fd/inception'], 3)}, "
           f"diversity ratio {fmt(metrics['diversity/ratio'], 3)}, memorisation ratio "
           f"{fmt(metrics['memorization/ratio'], 3)}\n"
-          f"ldm-eval: {out_dir / 'metrics.json'}, {out_dir / 'grid.png'}")
+          f"ldm-eval: {out_dir / 'metrics.json'}, {out_dir / 'grid.png'}\n  next, a table and plots of this evaluation:\n"
+          f"  $ ldm-report {out_dir}")
     return metrics
 
 

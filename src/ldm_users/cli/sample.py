@@ -39,7 +39,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
         image.save(path)
         written.append(path)
     user_rows_grid(images, per_user, [names[i] for i in ids]).save(out_dir / "grid.png")
-    print(f"ldm-sample: {len(images)} images and grid.png in {out_dir}")
+    print(f"ldm-sample: {len(images)} images and grid.png in {out_dir}\n  next, judge the model:\n"
+          f"  $ ldm-eval export_path={cfg.model_path}")
     return written
 
 

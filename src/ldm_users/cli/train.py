@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
     from ldm_users.training.vae_stage import train_vae
 
     # One tracker (one W&B run) per job, whatever stages it trains; finished as failed when a stage raises.
-    tracker = make_tracker(cfg, run_dir, stage, accelerator.is_main_process)
+    tracker = make_tracker(cfg, run_dir, "train", accelerator.is_main_process)
     exit_code = 1
     try:
         # Files skipped as unusable (data.strict=false) when the dataset was prepared, counted where runs are compared.
@@ -99,8 +99,10 @@ def run(cfg: DictConfig) -> dict:
     if accelerator.is_main_process:
         lines = [f"ldm-train: done. run dir: {run_dir}"]
         if "export" in result:
-            lines.append(f"  sample grid (a row per user): {run_dir / 'ldm' / 'samples' / 'final.png'}")
-            lines.append(f"  pipeline export: {result['export']}  (ldm-sample model_path={result['export']})")
+            lines += [f"  sample grid (a row per user): {run_dir / 'ldm' / 'samples' / 'final.png'}",
+                      f"  pipeline export: {result['export']}", "  next:",
+                      f"  $ ldm-sample model_path={result['export']} num_images=4",
+                      f"  $ ldm-eval export_path={run_dir}"]
         print("\n".join(lines))
     return result
 

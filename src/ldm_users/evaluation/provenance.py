@@ -12,11 +12,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldm_users.inference.export import TRAINING_CONFIG_FILE
 from ldm_users.tracking import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
-TRAINING_CONFIG_FILE = "training_config.yaml"
 # What an evaluation takes over from the trained run: the data it must be judged on, and what names the run.
 ADOPTED = ("data", "model", "vae", "hardware", "train", "seed")
 

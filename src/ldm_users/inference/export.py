@@ -1,7 +1,9 @@
 """A pipeline over in-memory parts (training grids, checkpoints, benchmarks) and the export writer.
 
-An export is a diffusers `save_pretrained` folder plus `users.json` and `sampler.json` (the sampler settings the
-model was trained with and its training noise-scheduler config, which ldm-sample and ldm-eval default to).
+An export is a diffusers `save_pretrained` folder plus `users.json`, `sampler.json` (the sampler settings the
+model was trained with and its training noise-scheduler config, which ldm-sample and ldm-eval default to) and
+`training_config.yaml` (the resolved training config: what ldm-eval names, tags and judges an export by when it is
+evaluated away from its run dir).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ldm_users import io
 from ldm_users.pipeline import UserDenoiser, UserLDMPipeline
 
 SAMPLER_FILE = "sampler.json"
+TRAINING_CONFIG_FILE = "training_config.yaml"
 
 
 def make_pipeline(vae, denoiser: UserDenoiser, scheduler, users: list[str]) -> UserLDMPipeline:
@@ -24,7 +27,8 @@ def make_pipeline(vae, denoiser: UserDenoiser, scheduler, users: list[str]) -> U
                            **{slot: denoiser.backbone})
 
 
-def export_pipeline(pipe: UserLDMPipeline, out_dir: Path, sampler_cfg: DictConfig, noise_scheduler_config) -> Path:
+def export_pipeline(pipe: UserLDMPipeline, out_dir: Path, sampler_cfg: DictConfig, noise_scheduler_config,
+                    training_config: DictConfig | None = None) -> Path:
     """diffusers layout (vae/, unet/ or transformer/, user_encoder/, scheduler/, model_index.json) + users.json +
     sampler.json, written to a temporary folder and renamed into place."""
     with io.atomic_path(out_dir, directory=True) as tmp:
@@ -32,4 +36,6 @@ def export_pipeline(pipe: UserLDMPipeline, out_dir: Path, sampler_cfg: DictConfi
         io.write_json(tmp / "users.json", {"users": pipe.user_names})
         io.write_json(tmp / SAMPLER_FILE, {"sampler": OmegaConf.to_container(sampler_cfg, resolve=True),
                                            "noise_scheduler": dict(noise_scheduler_config)})
+        if training_config is not None:
+            (tmp / TRAINING_CONFIG_FILE).write_text(OmegaConf.to_yaml(training_config, resolve=True))
     return Path(out_dir)

@@ -251,7 +251,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
         with EMASwap(ema if use_ema else None, unwrapped):
             grid = sample_grid(pipeline(), cfg, dataset.users, stage_dir / "samples" / "final.png", int(cfg.seed))
             if cfg.export.enabled:
-                export_pipeline(pipeline(), export_dir, cfg.sampler, noise_scheduler.config)
+                export_pipeline(pipeline(), export_dir, cfg.sampler, noise_scheduler.config, training_config=cfg)
         tracker.log_image("samples/grid", grid, step=steps, caption="final, one row per user (EMA weights)")
         summary = {"final/loss": last_loss, "final/images_per_sec": last_rate, "params/denoiser": params["denoiser"],
                    "params/user_encoder": params["user_encoder"], "params/vae": params["vae"],
