@@ -34,7 +34,7 @@ def test_rerun_continues_the_same_wandb_run_without_duplicate_steps(tmp_path):
 
     run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["id"]
     runs = offline_runs(run_dir)
-    assert len(runs) == 3 and all(p.name.endswith(run_id) for p in runs)  # three attempts, one W&B run id
+    assert len(runs) == 3 and all(f"-{run_id}" in p.name for p in runs)  # three attempts, one W&B run id
     steps = []
     for path in runs:
         records = inspect_records(path)

@@ -36,7 +36,7 @@ def test_kill_rerun_eval_rerun_and_ldm_eval_share_one_wandb_run(tmp_path):
 
     run_id = stored_run_id(run_dir)
     attempts = offline_runs(run_dir)
-    assert run_id and len(attempts) == 4 and all(p.name.endswith(f"-{run_id}") for p in attempts)
+    assert run_id and len(attempts) == 4 and all(f"-{run_id}" in p.name for p in attempts)
     steps, names = [], set()
     for path in attempts:
         records = inspect_records(path)
