@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ldm_users.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
 from ldm_users.errors import DataError
 from ldm_users.io import build_once, require_free_space
+from ldm_users.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _decode_into(folder: Path, scan: ScanResult, data_dir: Path, resolution: int
     images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8,
                                        shape=(len(scan.files), resolution, resolution, 3))
     labels, paths, skipped, small = [], [], list(scan.skipped), 0
-    for path, user in tqdm(scan.files, desc=f"decoding {data_dir.name}", disable=not show_progress, unit="img"):
+    for path, user in progress(scan.files, desc=f"decoding {data_dir.name}", disable=not show_progress, unit="img"):
         try:
             arr, (w, h) = load_image(path, resolution, center_crop, max_pixels=max_pixels, min_size=min_image_size)
         except BadImage as err:

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ldm_users.data.folder import PreparedDataset, to_model_range
 from ldm_users.errors import ConfigError
 from ldm_users.io import build_once
+from ldm_users.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def train_classifier(dataset: PreparedDataset, ccfg: dict, device: torch.device,
     model.train()
     loss_value = float("nan")
     done = 0
-    bar = tqdm(range(steps), desc="user classifier", disable=not show_progress, unit="step")
+    bar = progress(range(steps), desc="user classifier", disable=not show_progress, unit="step")
     for done in bar:
         pick = train_t[torch.randint(len(train_t), (batch,), generator=generator)]
         x = _augment(inputs[pick], generator).to(device)

@@ -36,6 +36,7 @@ from ldm_users.grid import make_grid, to_uint8
 from ldm_users.inference.device import move_pipeline, resolve_device_dtype
 from ldm_users.inference.loading import load_pipeline
 from ldm_users.inference.samplers import call_kwargs
+from ldm_users.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def _real_pixel_nn(dataset: PreparedDataset, folder: Path) -> tuple[np.ndarray, 
 def inception_fid(weights: str, dataset: PreparedDataset, generated: np.ndarray, cache_root: Path, ecfg,
                   device, show_progress: bool = True) -> tuple[float, int]:
     """Standard FID (FID InceptionV3 from local weights); real statistics cached per dataset and weights file."""
-    from tqdm.auto import tqdm
-
     from ldm_users.evaluation.inception import load_inception, weights_key
 
     model = load_inception(weights).to(device)
@@ -117,7 +116,7 @@ def inception_fid(weights: str, dataset: PreparedDataset, generated: np.ndarray,
     @torch.no_grad()
     def features(get, n, desc):
         out = []
-        for s in tqdm(range(0, n, batch), desc=desc, disable=not show_progress, unit="batch"):
+        for s in progress(range(0, n, batch), desc=desc, disable=not show_progress, unit="batch"):
             out.append(model(get(s, min(s + batch, n)).to(device)).double().cpu())
         return torch.cat(out).numpy()
 
