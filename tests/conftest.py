@@ -1,19 +1,21 @@
-"""Shared fixtures: an isolated cache and output root, composed configs, and one tiny trained run."""
+"""Shared fixtures: an isolated cache and output root, and one tiny trained run."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
-
-# Set before anything imports wandb or diffusers: no network, no writes outside the test's folders.
+# Set before anything imports wandb or diffusers (hence before the imports below): no network, no writes outside
+# the test's folders.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest  # noqa: E402
+
+from ldm_users.cli.train import run  # noqa: E402
+from tests.helpers import hydra_job  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,18 +32,10 @@ def _isolated_env(session_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
-def compose(*overrides: str):
-    from ldm_users.config import compose as _compose
-
-    return _compose(list(overrides))
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, session_cache):
     """One finished two-stage smoke run (VAE + tiny UNet + export), shared by tests that only read it."""
-    from ldm_users.cli.train import run
-
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    cfg = compose("experiment=smoke", "logger=none", f"+run_dir={run_dir}")
-    result = run(cfg)
+    with hydra_job(run_dir, "experiment=smoke", "logger=none") as cfg:
+        result = run(cfg)
     return {"run_dir": run_dir, "export": Path(result["export"]), "cfg": cfg, "result": result}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose
+from tests.helpers import compose
 from hydra.utils import instantiate
 
 from ldm_users.inference.fast_sampling import FastGuidance, GraphedGuidance, resolve_mode, use_fast_sampling

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ldm_users.compat import assert_compatible, check_compatibility
 from ldm_users.errors import ConfigError
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose
 
 MODELS = ["unet_sd", "unet_medium", "unet_light", "dit", "unet_tiny", "dit_tiny"]
 VAES = ["kl_128", "kl_tiny"]

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import compose
+from tests.helpers import compose
 
 from ldm_users.perf.memory_model import (
     GIB,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose
+from tests.helpers import REPO, compose, hydra_job
 
 from ldm_users.errors import ConfigError
 
@@ -92,7 +92,8 @@ def test_ldm_train_evaluates_the_export_when_enabled(tiny_run, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run["run_dir"], run_dir)  # resumes at its last step: no training, export + eval only
-    result = run(compose("experiment=smoke", "logger=none", f"+run_dir={run_dir}", "eval.enabled=true", *FAST))
+    with hydra_job(run_dir, "experiment=smoke", "logger=none", "eval.enabled=true", *FAST) as cfg:
+        result = run(cfg)
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert result["eval"]["user_acc/top1"] == metrics["user_acc/top1"]
     assert result["summary"]["eval/user_acc/top1"] == metrics["user_acc/top1"]

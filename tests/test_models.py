@@ -5,7 +5,7 @@ import torch
 
 from ldm_users.models.build import build_denoiser, build_vae, count_parameters
 from ldm_users.pipeline import UserConditionEncoder
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ldm_users.errors import CheckpointError, DataError, exit_on_user_error
 from ldm_users.training import checkpoint as ckpt
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose, hydra_job
 
 CHILD = REPO / "tests" / "reliability_child.py"
 STEPS = 12
@@ -378,12 +378,11 @@ def test_training_on_bad_corpus_logs_skipped_count(reference, tmp_path):
 
     root = tmp_path / "corpus"
     _write_corpus(root)
-    cfg = compose("experiment=smoke", "logger=none", "data=folder", f"data.data_dir={root}", "data.resolution=32",
-                  "data.num_users=null", f"vae_path={reference / 'vae' / 'final'}", "train.max_steps=2",
-                  "train.sample_interval=1000",
-                  "sampler.num_inference_steps=2", "train.grid_per_user=1", "export.enabled=false",
-                  f"+run_dir={tmp_path / 'run'}")
-    result = run(cfg)
+    with hydra_job(tmp_path / "run", "experiment=smoke", "logger=none", "data=folder", f"data.data_dir={root}",
+                   "data.resolution=32", "data.num_users=null", f"vae_path={reference / 'vae' / 'final'}",
+                   "train.max_steps=2", "train.sample_interval=1000", "sampler.num_inference_steps=2",
+                   "train.grid_per_user=1", "export.enabled=false") as cfg:
+        result = run(cfg)
     assert result["summary"]["data/skipped_files"] == 9
     assert result["summary"]["data/images"] == 8 and result["summary"]["data/users"] == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -427,9 +426,9 @@ def test_few_nan_steps_are_skipped_not_applied(reference, tmp_path, monkeypatch,
 
     monkeypatch.setattr(F, loss_fn, poisoned)
     extra = ["stage=vae"] if stage == "vae" else [f"vae_path={reference / 'vae' / 'final'}", "export.enabled=false"]
-    cfg = compose(*run_args("vae_train.max_steps=6", "train.max_steps=6", "train.log_interval=2",
-                             "train.sample_interval=100", "train.ema.warmup=false", f"+run_dir={tmp_path}", *extra))
-    result = run(cfg)
+    with hydra_job(tmp_path, *run_args("vae_train.max_steps=6", "train.max_steps=6", "train.log_interval=2",
+                                        "train.sample_interval=100", "train.ema.warmup=false", *extra)) as cfg:
+        result = run(cfg)
     final = tmp_path / stage / "checkpoints" / "checkpoint-0000006"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logs = [r["metrics"] for r in records if r["event"] == "log"]
@@ -639,9 +638,9 @@ def test_tracker_faults_never_stop_training(reference, tmp_path, monkeypatch, ca
         return _FlakyRun(tmp_path)
 
     monkeypatch.setattr(wandb, "init", init)
-    cfg = compose(*run_args("logger=wandb", "logger.mode=online", "train.max_steps=4", "train.log_interval=1",
-                             f"vae_path={reference / 'vae' / 'final'}", f"+run_dir={tmp_path}"))
-    result = run(cfg)
+    with hydra_job(tmp_path, *run_args("logger=wandb", "logger.mode=online", "train.max_steps=4",
+                                        "train.log_interval=1", f"vae_path={reference / 'vae' / 'final'}")) as cfg:
+        result = run(cfg)
     assert Path(result["export"], "model_index.json").exists()
     assert ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "ldm" / "checkpoints"))["step"] == 4
     assert ("W&B logging failed" if fault == "mid_run" else "could not start") in caplog.text

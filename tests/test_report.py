@@ -16,7 +16,7 @@ from ldm_users.cli.report import make_report
 from ldm_users.reporting.jobs import JobRow
 from ldm_users.reporting.plots import fd_key
 from ldm_users.tracking import LocalTracker
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 def _train_job(sweep, num, model, losses, params, rate, status="ok", error=None, peak=None):

@@ -15,7 +15,7 @@ from PIL import Image
 from ldm_users.tracking import METRICS_FILE, LocalTracker, NullTracker, make_tracker, read_metrics
 from ldm_users.tracking import wandb as wandb_tracker
 from ldm_users.tracking.wandb import WandbTracker, choose_mode
-from tests.conftest import compose
+from tests.helpers import compose
 from tests.wandb_offline import history, inspect_records, inspect_summary, offline_runs, run_record
 
 
@@ -46,7 +46,7 @@ def test_offline_run_holds_resolved_config_metrics_images_summary_artifact(tmp_p
     assert len(runs) == 1
     summary = inspect_summary(runs[0])
     assert summary["state"] == "finished" and summary["exit_code"] == 0
-    assert summary["name"] == "model=unet_tiny,hardware=cpu"  # outside a Hydra app: model and hardware
+    assert summary["name"] == "model-unet_tiny+hardware-cpu"  # outside a Hydra app: model and hardware
     config = summary["config"]
     assert "${" not in json.dumps(config)  # every interpolation resolved
     assert config["model"]["denoiser"]["sample_size"] == 8  # ${ldm_latent_size:32,...} -> 32 px / 4

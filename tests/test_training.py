@@ -11,36 +11,32 @@ from safetensors.torch import load_file
 
 from ldm_users.errors import CheckpointError
 from ldm_users.pipeline import UserLDMPipeline
+from ldm_users.cli import train as train_cli
 from ldm_users.cli.train import run
 from ldm_users.training import checkpoint as ckpt
-from tests.conftest import compose
+from ldm_users.tracking import NullTracker
+from tests.helpers import hydra_job
 
 pytestmark = pytest.mark.slow
 
 
 def _run(run_dir, *overrides):
-    return run(compose("experiment=smoke", "logger=none", f"+run_dir={run_dir}", *overrides))
+    with hydra_job(run_dir, "experiment=smoke", "logger=none", *overrides) as cfg:
+        return run(cfg)
 
 
-def test_stage_vae_then_stage_ldm_and_loss_drops(tmp_path):
+def test_stage_vae_then_stage_ldm_and_loss_drops(tmp_path, monkeypatch):
     _run(tmp_path, "stage=vae")
     assert (tmp_path / "vae" / "final" / "config.json").exists()
     assert not (tmp_path / "ldm").exists()
     metrics = []
-    from ldm_users import tracking
 
-    class Recorder(tracking.NullTracker):
+    class Recorder(NullTracker):
         def log(self, m, step=None):
             metrics.append(m)
 
-    orig = tracking.make_tracker
-    import ldm_users.cli.train as train_mod
-
-    train_mod.make_tracker = lambda *a, **k: Recorder()
-    try:
-        result = _run(tmp_path, "stage=ldm", "train.max_steps=300", "train.lr=2e-3", "train.log_interval=25")
-    finally:
-        train_mod.make_tracker = orig
+    monkeypatch.setattr(train_cli, "make_tracker", lambda *a, **k: Recorder())
+    result = _run(tmp_path, "stage=ldm", "train.max_steps=300", "train.lr=2e-3", "train.log_interval=25")
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert len(losses) == 12
     assert losses[-1] < 0.6 * losses[0], losses  # a clear drop, not just "finite"

@@ -8,16 +8,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
 
 
 def hydra_config():
     """Hydra's runtime config inside a Hydra app, else None (tests, notebooks, plain Python)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return HydraConfig.get()
-    except Exception:
+    except ValueError:  # "HydraConfig was not set": not inside a Hydra app
         return None
 
 
@@ -26,14 +24,10 @@ def is_multirun() -> bool:
     return hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
 
 
-def output_dir(cfg: DictConfig | None = None, default: str = "outputs/runs/default") -> Path:
-    """The job's output dir (ldm-train: the run dir): Hydra's, else `cfg.run_dir` when set, else `default`."""
+def output_dir(default: str = "outputs/runs/default") -> Path:
+    """The job's output dir (ldm-train: the run dir): Hydra's, else (outside a Hydra app) `default`."""
     hc = hydra_config()
-    if hc is not None:
-        return Path(hc.runtime.output_dir)
-    if cfg is not None and cfg.get("run_dir"):
-        return Path(str(cfg.run_dir))
-    return Path(default)
+    return Path(hc.runtime.output_dir) if hc is not None else Path(default)
 
 
 def choice(group: str) -> str | None:

@@ -25,6 +25,7 @@ from accelerate.state import AcceleratorState, GradientState
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_users.config import run_dir_name
 from ldm_users.errors import LdmUsersError
 from ldm_users.io import write_json
 from ldm_users.runtime import hydra_config, is_main_rank, is_multirun, world_size
@@ -41,7 +42,7 @@ def job_info() -> dict:
     if hc is None:
         return {"num": None, "name": "", "overrides": []}
     num = hc.job.get("num")
-    return {"num": int(num) if num is not None else None, "name": hc.job.override_dirname or "default",
+    return {"num": int(num) if num is not None else None, "name": run_dir_name(hc.job.override_dirname),
             "overrides": list(hc.overrides.task)}
 
 

@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> dict:
     for problem in report["compatibility_problems"]:
         print(f"compatibility: {problem}")
     print(to_markdown(report))
-    out = output_dir(cfg, default="outputs/diagnose/default")
+    out = output_dir(default="outputs/diagnose/default")
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps(report, indent=1))
     (out / "diagnose.md").write_text(to_markdown(report))

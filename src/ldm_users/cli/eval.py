@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_users.config import config_dir
@@ -21,7 +20,7 @@ from ldm_users.evaluation.evaluate import evaluate_export, log_to_tracker
 from ldm_users.evaluation.provenance import adopt_trained_settings, trained_identity, trained_run_dir
 from ldm_users.formatting import fmt
 from ldm_users.inference.loading import adopt_run_sampler, resolve_export
-from ldm_users.runtime import is_multirun, override_dirname
+from ldm_users.runtime import is_multirun, output_dir, override_dirname, task_overrides
 from ldm_users.tracking import make_tracker
 
 log = logging.getLogger("ldm_users.cli.eval")
@@ -77,8 +76,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    hc = HydraConfig.get()
-    run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+    run(cfg, output_dir(), task_overrides())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ldm_users.config import config_dir
@@ -15,6 +14,7 @@ from ldm_users.grid import user_rows_grid
 from ldm_users.inference.device import move_pipeline, resolve_device_dtype
 from ldm_users.inference.loading import adopt_run_sampler, load_pipeline, parse_users
 from ldm_users.inference.samplers import call_kwargs
+from ldm_users.runtime import output_dir, task_overrides
 
 
 def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
@@ -47,9 +47,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> list[Path]:
 @hydra.main(config_path=config_dir(), config_name="sample", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    hc = HydraConfig.get()
-    adopt_run_sampler(cfg, cfg.model_path, list(hc.overrides.task))  # the run's sampler unless overridden
-    generate(cfg, Path(hc.runtime.output_dir))
+    adopt_run_sampler(cfg, cfg.model_path, task_overrides())  # the run's sampler unless overridden
+    generate(cfg, output_dir())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 
 import hydra
@@ -11,14 +12,18 @@ from omegaconf import DictConfig
 
 from ldm_users import hpo
 from ldm_users.compat import assert_compatible
-from ldm_users.config import config_dir
+from ldm_users.config import config_dir, old_style_run_dir
 from ldm_users.data.loading import bind_num_users, prepare_dataset
 from ldm_users.distributed import bind_global_batch, launcher_job
 from ldm_users.errors import ConfigError, exit_on_user_error
+from ldm_users.evaluation.evaluate import evaluate_after_training
 from ldm_users.runtime import output_dir
 from ldm_users.sweep import run_job
 from ldm_users.tracking import make_tracker
 from ldm_users.training.common import make_accelerator
+from ldm_users.training.ldm_stage import train_ldm
+from ldm_users.training.shared_vae import obtain_vae
+from ldm_users.training.vae_stage import train_vae
 
 log = logging.getLogger("ldm_users.cli.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise in the console
@@ -39,6 +44,17 @@ def check_vae_matches(vae_dir: Path, cfg: DictConfig) -> None:
                           f"trained with (vae=kl_128 or vae=kl_tiny, or your own).")
 
 
+def refuse_to_split_an_old_run(cfg: DictConfig, run_dir: Path) -> None:
+    """An existing run under its old-style dir name (`experiment=smoke`) would silently restart here: say how to
+    move it instead (once moved, train.resume=auto continues it)."""
+    old = old_style_run_dir(run_dir)
+    fresh = all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())  # only what Hydra just wrote
+    if old is not None and fresh and str(cfg.train.resume) == "auto":
+        new, old = shlex.quote(str(run_dir)), shlex.quote(str(old))
+        raise ConfigError(f"this run is in its old-style dir {old}; run dirs are now named without '=' and ','. "
+                          f"Move it: rm -r {new} && mv {old} {new}  (or start over here with train.resume=never)")
+
+
 def run(cfg: DictConfig) -> dict:
     """Train the stages asked for; returns where the results are."""
     stage = str(cfg.stage)
@@ -46,8 +62,9 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"stage={stage}: use stage=vae, stage=ldm or stage=all.")
     if cfg.data.get("num_users") is not None:
         assert_compatible(cfg)  # cheap, before the dataset is decoded or a model is built
-    run_dir = output_dir(cfg)
+    run_dir = output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    refuse_to_split_an_old_run(cfg, run_dir)
 
     accelerator = make_accelerator(cfg)
     bind_global_batch(cfg, accelerator)
@@ -58,10 +75,6 @@ def run(cfg: DictConfig) -> dict:
              dataset.num_users, len(dataset.skipped))
 
     result: dict = {"run_dir": str(run_dir)}
-    from ldm_users.training.ldm_stage import train_ldm
-    from ldm_users.training.shared_vae import obtain_vae
-    from ldm_users.training.vae_stage import train_vae
-
     # One tracker (one W&B run) per job, whatever stages it trains; finished as failed when a stage raises.
     tracker = make_tracker(cfg, run_dir, "train", accelerator.is_main_process)
     exit_code = 1
@@ -88,8 +101,6 @@ def run(cfg: DictConfig) -> dict:
                 result["export"] = str(export)
                 if cfg.logger.get("log_artifact", False) and export.exists():
                     tracker.log_artifact(export, name=f"export-{cfg.model.name}", type="model")
-                from ldm_users.evaluation.evaluate import evaluate_after_training
-
                 result["eval"] = evaluate_after_training(cfg, export, run_dir, dataset, tracker,
                                                          accelerator.is_main_process)
         exit_code = 0
@@ -115,7 +126,7 @@ def main(cfg: DictConfig) -> float | None:
     # The return value is the objective of a hyperparameter search (ldm_users.hpo); Hydra ignores it otherwise.
     hpo.check(cfg)
     with launcher_job():
-        return hpo.objective(cfg, run_job(run, cfg, output_dir(cfg)))
+        return hpo.objective(cfg, run_job(run, cfg, output_dir()))
 
 
 if __name__ == "__main__":

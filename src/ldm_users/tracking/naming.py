@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_users.config import run_dir_name
 from ldm_users.runtime import choice, hydra_config, is_multirun, override_dirname, world_size
 
 
@@ -41,16 +42,16 @@ def _hardware_profile() -> dict:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """logger.run_name, else the job's overrides (e.g. `model=unet_light,hardware=gpu_8gb`): distinct for each job
-    of a sweep."""
+    """logger.run_name, else the run dir's name, made of the job's overrides (e.g. `hardware-gpu_8gb+model-unet_light`):
+    distinct for each job of a sweep. Outside a Hydra app, or without overrides, the model and hardware it has."""
     if cfg.get("logger") is not None and cfg.logger.get("run_name"):
         return str(cfg.logger.run_name)
     overrides = override_dirname()
     if overrides:
-        return overrides
+        return run_dir_name(overrides)
     # ldm-eval's config has no model group: name the run by what it has.
-    parts = [f"{key}={cfg[key].name}" for key in ("model", "hardware") if cfg.get(key) is not None]
-    return ",".join(parts) or "default"
+    parts = [f"{key}-{cfg[key].name}" for key in ("model", "hardware") if cfg.get(key) is not None]
+    return run_dir_name("+".join(parts))
 
 
 def sweep_group(cfg: DictConfig) -> str | None:

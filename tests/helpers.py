@@ -1,0 +1,41 @@
+"""What the tests share besides fixtures (those are in conftest.py): composing configs, and running code the way a
+Hydra app's job runs it, through Hydra's own API."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Iterator
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict, read_write
+
+from ldm_users.config import compose as compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(*overrides: str, config_name: str = "config") -> DictConfig:
+    return compose_config(list(overrides), config_name)
+
+
+@contextlib.contextmanager
+def hydra_job(run_dir: str | Path | None, *overrides: str, config_name: str = "config") -> Iterator[DictConfig]:
+    """Inside the block, Hydra's runtime is what the job of `ldm-train <overrides>` sees (as Hydra's own
+    `run_job` sets it up), with its output dir at run_dir (None: where the app would put it, hydra.run.dir);
+    yields the job's config (without the `hydra` node, as an app gets it)."""
+    extra = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
+    cfg = compose_config([*overrides, *extra], config_name, return_hydra_config=True)
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)  # first, so that ${hydra:...} in hydra.run.dir resolves
+    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = str(Path(str(cfg.hydra.run.dir)).absolute())
+    HydraConfig.instance().set_config(cfg)
+    job = copy.deepcopy(cfg)
+    with read_write(job), open_dict(job):
+        del job["hydra"]
+    try:
+        yield job
+    finally:
+        HydraConfig.instance().cfg = saved  # as Hydra's own run_job restores it after a job
