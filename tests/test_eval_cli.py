@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import REPO, compose, hydra_job
+from omegaconf import OmegaConf
+from PIL import Image
 
+from ldm_users.cli.train import run
+from ldm_users.config import compose as compose_any
 from ldm_users.errors import ConfigError
+from ldm_users.evaluation.evaluate import evaluate_export
+from ldm_users.evaluation.inception import FIDInceptionV3
+from ldm_users.evaluation.provenance import adopt_trained_settings
+from ldm_users.inference.loading import resolve_export
+from tests.helpers import REPO, compose, hydra_job
 
 TINY_DATA = ["data.num_users=4", "data.images_per_user=16", "data.resolution=32"]  # what experiment=smoke trains on
 FAST = ["eval.images_per_user=2", "sampler.num_inference_steps=4", "eval.device=cpu"]
@@ -33,8 +41,6 @@ PER_USER = ["top1", "top5", "fd", "diversity_ratio", "pixel_diversity_ratio", "o
 
 
 def _random_inception(path: Path) -> Path:
-    from ldm_users.evaluation.inception import FIDInceptionV3
-
     torch.manual_seed(0)
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in FIDInceptionV3().state_dict().items()}, path)
     return path
@@ -70,13 +76,11 @@ def test_ldm_eval_guidance_sweep_end_to_end(tiny_run, tmp_path):
 
     jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
     assert len(jobs) == 2 and jobs[0].name.startswith("0_") and jobs[1].name.startswith("1_")
-    assert "sampler.guidance_scale=1" in jobs[0].name and "sampler.guidance_scale=3" in jobs[1].name
+    assert jobs[0].name == "0_sampler.guidance_scale-1" and jobs[1].name == "1_sampler.guidance_scale-3"
     results = [json.loads((job / "metrics.json").read_text()) for job in jobs]
     for job, metrics, guidance in zip(jobs, results, (1.0, 3.0)):
         _check_metrics(metrics, guidance, tiny_run["export"])
         assert metrics["inception_weights"] == str(weights) and metrics["fd/inception_real_images"] == 4
-        from PIL import Image
-
         grid = Image.open(job / "grid.png")
         assert grid.height >= 4 * 32 and grid.width >= (2 + 2) * 32  # 4 users x (2 generated | 2 real)
     # One judge for the whole sweep: trained by the first job, read from the cache by the second.
@@ -88,8 +92,6 @@ def test_ldm_eval_guidance_sweep_end_to_end(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_ldm_train_evaluates_the_export_when_enabled(tiny_run, tmp_path):
-    from ldm_users.cli.train import run
-
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run["run_dir"], run_dir)  # resumes at its last step: no training, export + eval only
     with hydra_job(run_dir, "experiment=smoke", "logger=none", "eval.enabled=true", *FAST) as cfg:
@@ -103,8 +105,6 @@ def test_ldm_train_evaluates_the_export_when_enabled(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_data_that_does_not_match_the_model_is_a_clear_error(tiny_run, tmp_path):
-    from ldm_users.evaluation.evaluate import evaluate_export
-
     cfg = compose("experiment=smoke", "logger=none", "data.num_users=5", *FAST)
     with pytest.raises(ConfigError, match="data.num_users"):
         evaluate_export(cfg, tiny_run["export"], tmp_path / "eval", show_progress=False)
@@ -114,12 +114,6 @@ def test_data_that_does_not_match_the_model_is_a_clear_error(tiny_run, tmp_path)
 
 
 def test_eval_config_and_the_run_data_settings(tmp_path):
-    from omegaconf import OmegaConf
-
-    from ldm_users.config import compose as compose_any
-    from ldm_users.evaluation.provenance import adopt_trained_settings
-    from ldm_users.inference.loading import resolve_export
-
     cfg = compose_any(["export_path=x"], config_name="eval")
     assert {"data", "sampler", "paths", "logger", "eval"} <= set(cfg)
     assert "hardware" not in cfg  # what the model was trained on comes from its run, not an eval default

@@ -25,6 +25,7 @@ from torch import nn
 
 from ldm_users.data.folder import PreparedDataset, to_model_range
 from ldm_users.errors import ConfigError
+from ldm_users.evaluation.metrics import topk_correct
 from ldm_users.io import build_once
 from ldm_users.progress import progress
 
@@ -193,8 +194,6 @@ def train_classifier(dataset: PreparedDataset, ccfg: dict, device: torch.device,
             break
     model.eval()
     feats, logits = embed(model, inputs, device)
-    from ldm_users.evaluation.metrics import topk_correct
-
     held_top1 = float(topk_correct(logits[held_idx], labels[held_idx], 1).mean()) if len(held_idx) else float("nan")
     held_top5 = float(topk_correct(logits[held_idx], labels[held_idx], 5).mean()) if len(held_idx) else float("nan")
     meta = {"version": CLASSIFIER_VERSION, "settings": ccfg, "model": model.config, "users": dataset.users,

@@ -16,8 +16,6 @@ sweep's jobs can be tabled side by side. Keys:
 
 from __future__ import annotations
 
-import json
-import os
 import logging
 import math
 import time
@@ -29,13 +27,17 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldm_users.data.folder import PreparedDataset, to_model_range
+from ldm_users.data.loading import prepare_dataset
+from ldm_users.data.synthetic import oracle_predict
 from ldm_users.errors import ConfigError
 from ldm_users.evaluation import metrics as M
 from ldm_users.evaluation.classifier import TrainedClassifier, load_or_train, resize_for
+from ldm_users.evaluation.inception import load_inception, weights_key
 from ldm_users.grid import make_grid, to_uint8
 from ldm_users.inference.device import move_pipeline, resolve_device_dtype
 from ldm_users.inference.loading import load_pipeline
 from ldm_users.inference.samplers import call_kwargs
+from ldm_users.io import atomic_path, write_json
 from ldm_users.progress import progress
 
 log = logging.getLogger(__name__)
@@ -96,15 +98,14 @@ def _real_pixel_nn(dataset: PreparedDataset, folder: Path) -> tuple[np.ndarray, 
     if cache.exists():
         return pixels, np.load(cache)
     nn_real = M.nearest_distances(pixels, pixels, exclude_self=True)
-    np.save(cache, nn_real)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.save(f, nn_real)
     return pixels, nn_real
 
 
 def inception_fid(weights: str, dataset: PreparedDataset, generated: np.ndarray, cache_root: Path, ecfg,
                   device, show_progress: bool = True) -> tuple[float, int]:
     """Standard FID (FID InceptionV3 from local weights); real statistics cached per dataset and weights file."""
-    from ldm_users.evaluation.inception import load_inception, weights_key
-
     model = load_inception(weights).to(device)
     limit = ecfg.get("max_real_images")
     n_real = len(dataset) if limit is None else min(int(limit), len(dataset))
@@ -127,12 +128,8 @@ def inception_fid(weights: str, dataset: PreparedDataset, generated: np.ndarray,
     else:
         real = features(lambda a, b: dataset.batch(real_idx[a:b])[0], n_real, "inception (real)")
         mu_r, sigma_r = M.gaussian_stats(real)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # Temporary name + rename, like every other cache here: a killed run never leaves a torn .npz behind.
-        tmp = cache.with_name(f".tmp-{os.getpid()}-{cache.name}")
-        with open(tmp, "wb") as f:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:  # a killed run never leaves a torn .npz behind
             np.savez(f, mu=mu_r, sigma=sigma_r)
-        os.replace(tmp, cache)
     gen = features(lambda a, b: to_model_range(generated[a:b]), len(generated), "inception (generated)")
     return M.frechet_distance_to_stats(gen, mu_r, sigma_r), n_real
 
@@ -152,6 +149,58 @@ def save_grid(generated: np.ndarray, gen_labels: np.ndarray, dataset: PreparedDa
     make_grid(rows, [f"{dataset.users[u]}" for u in users],
               columns=[("generated", per), ("", 1), ("real", per)]).save(path)
     return path
+
+
+def _oracle_metrics(out: dict, dataset: PreparedDataset, generated, gen_labels, held) -> np.ndarray:
+    """The synthetic dataset's rule-based user detector on the generated and the held-out real images; returns
+    whether it agrees with each generated image's user."""
+    oracle_gen = oracle_predict(generated, dataset.num_users) == gen_labels
+    out["oracle/top1"] = float(oracle_gen.mean())
+    out["oracle/real_holdout_top1"] = None
+    if len(held):
+        real_held = np.asarray(dataset.images[np.sort(held)])
+        truth = dataset.labels.numpy()[held]
+        out["oracle/real_holdout_top1"] = float((oracle_predict(real_held, dataset.num_users) == truth).mean())
+    return oracle_gen
+
+
+def _spread_ratio(gen, real) -> float:
+    # Within-user spread of generated images relative to the real ones: ~1 healthy, near 0 = mode collapse.
+    gd = M.mean_pairwise_distance(gen)
+    rd = M.mean_pairwise_distance(real) if len(real) >= 2 else float("nan")
+    return gd / rd if rd > 0 else float("nan")
+
+
+def _per_user_metrics(out: dict, names: list[str], feats, pixels, labels, correct) -> None:
+    """per_user/<user>/... and the diversity summary. feats, pixels, labels: (generated, real) pairs; correct:
+    (top-1 hits, top-5 hits, oracle hits or None) per generated image."""
+    (gen_feats, real_feats), (gen_pixels, real_pixels), (gen_labels, real_labels) = feats, pixels, labels
+    top1, top5, oracle_gen = correct
+    gen_div, real_div, ratios, pixel_ratios, fds = [], [], [], [], []
+    for u, name in enumerate(names):
+        mask = gen_labels == u
+        g, r = gen_feats[mask], real_feats[real_labels == u]
+        gen_div.append(M.mean_pairwise_distance(g))
+        real_div.append(M.mean_pairwise_distance(r) if len(r) >= 2 else float("nan"))
+        ratios.append(_spread_ratio(g, r))
+        pixel_ratios.append(_spread_ratio(gen_pixels[mask], real_pixels[real_labels == u]))
+        fds.append(M.frechet_distance_features(g, r) if len(r) >= 2 else float("nan"))
+        out[f"per_user/{name}/top1"] = float(top1[mask].mean())
+        out[f"per_user/{name}/top5"] = float(top5[mask].mean())
+        out[f"per_user/{name}/fd"] = _finite(fds[-1])
+        out[f"per_user/{name}/diversity_ratio"] = _finite(ratios[-1])
+        out[f"per_user/{name}/pixel_diversity_ratio"] = _finite(pixel_ratios[-1])
+        out[f"per_user/{name}/oracle_top1"] = float(oracle_gen[mask].mean()) if oracle_gen is not None else None
+    ratios_arr = np.asarray(ratios)
+    out["fd/classifier_per_user_mean"] = _finite(np.nanmean(fds))
+    out["diversity/generated"] = float(np.mean(gen_div))
+    out["diversity/real"] = _finite(np.nanmean(real_div))
+    out["diversity/ratio"] = _finite(np.nanmean(ratios_arr))
+    out["diversity/min_ratio"] = _finite(np.nanmin(ratios_arr))
+    out["diversity/min_ratio_user"] = names[int(np.nanargmin(ratios_arr))]
+    # The classifier's features are trained to ignore within-user variation, so they are complemented by the
+    # same ratio in pixel space, which no training can make blind to a generator repeating itself.
+    out["diversity/pixel_ratio"] = _finite(np.nanmean(pixel_ratios))
 
 
 def compute_metrics(clf: TrainedClassifier, dataset: PreparedDataset, generated: np.ndarray, gen_labels: np.ndarray,
@@ -187,54 +236,13 @@ def compute_metrics(clf: TrainedClassifier, dataset: PreparedDataset, generated:
                                          if len(held) >= 2 else None)
     out["kid/classifier"], out["kid/classifier_std"] = kid_mean, kid_std
 
-    oracle_gen = None
-    if oracle:
-        from ldm_users.data.synthetic import oracle_predict
-
-        oracle_gen = oracle_predict(generated, num_users) == gen_labels
-        real_held = np.asarray(dataset.images[np.sort(held)]) if len(held) else None
-        out["oracle/top1"] = float(oracle_gen.mean())
-        out["oracle/real_holdout_top1"] = (float((oracle_predict(real_held, num_users) == real_labels[held]).mean())
-                                           if real_held is not None else None)
-    else:
+    oracle_gen = _oracle_metrics(out, dataset, generated, gen_labels, held) if oracle else None
+    if oracle_gen is None:
         out["oracle/top1"] = out["oracle/real_holdout_top1"] = None
-
     real_pixels, nn_real = _real_pixel_nn(dataset, clf.folder)
     gen_pixels = _pixels(generated)
-
-    def ratio_of(gen, real) -> float:
-        # Within-user spread of generated images relative to the real ones: ~1 healthy, near 0 = mode collapse.
-        gd = M.mean_pairwise_distance(gen)
-        rd = M.mean_pairwise_distance(real) if len(real) >= 2 else float("nan")
-        return gd / rd if rd > 0 else float("nan")
-
-    gen_div, real_div, ratios, pixel_ratios, fds = [], [], [], [], []
-    for u, name in enumerate(names):
-        g, r = gen_feats[gen_labels == u], real_feats[real_labels == u]
-        gen_div.append(M.mean_pairwise_distance(g))
-        real_div.append(M.mean_pairwise_distance(r) if len(r) >= 2 else float("nan"))
-        ratio = ratio_of(g, r)
-        ratios.append(ratio)
-        pixel_ratios.append(ratio_of(gen_pixels[gen_labels == u], real_pixels[real_labels == u]))
-        fd = M.frechet_distance_features(g, r) if len(r) >= 2 else float("nan")
-        fds.append(fd)
-        mask = gen_labels == u
-        out[f"per_user/{name}/top1"] = float(top1[mask].mean())
-        out[f"per_user/{name}/top5"] = float(top5[mask].mean())
-        out[f"per_user/{name}/fd"] = _finite(fd)
-        out[f"per_user/{name}/diversity_ratio"] = _finite(ratio)
-        out[f"per_user/{name}/pixel_diversity_ratio"] = _finite(pixel_ratios[-1])
-        out[f"per_user/{name}/oracle_top1"] = float(oracle_gen[mask].mean()) if oracle_gen is not None else None
-    ratios_arr = np.asarray(ratios)
-    out["fd/classifier_per_user_mean"] = _finite(np.nanmean(fds))
-    out["diversity/generated"] = float(np.mean(gen_div))
-    out["diversity/real"] = _finite(np.nanmean(real_div))
-    out["diversity/ratio"] = _finite(np.nanmean(ratios_arr))
-    out["diversity/min_ratio"] = _finite(np.nanmin(ratios_arr))
-    out["diversity/min_ratio_user"] = names[int(np.nanargmin(ratios_arr))]
-    # The classifier's features are trained to ignore within-user variation, so they are complemented by the
-    # same ratio in pixel space, which no training can make blind to a generator repeating itself.
-    out["diversity/pixel_ratio"] = _finite(np.nanmean(pixel_ratios))
+    _per_user_metrics(out, names, (gen_feats, real_feats), (gen_pixels, real_pixels), (gen_labels, real_labels),
+                      (top1, top5, oracle_gen))
 
     nn_gen = M.nearest_distances(gen_pixels, real_pixels)
     scale = math.sqrt(real_pixels.shape[1])  # per-pixel RMS units, comparable across resolutions
@@ -247,8 +255,6 @@ def compute_metrics(clf: TrainedClassifier, dataset: PreparedDataset, generated:
 def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDataset | None = None,
                     show_progress: bool = True) -> dict:
     """Generate from the model at model_path (export, run dir or checkpoint), score it, write metrics.json + grid."""
-    from ldm_users.data.loading import prepare_dataset
-
     start = time.perf_counter()
     ecfg = cfg.eval
     if int(ecfg.images_per_user) < 2:
@@ -296,7 +302,7 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
 
     metrics["grid"] = str(save_grid(generated, gen_labels, dataset, ecfg, out_dir / "grid.png"))
     metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(out_dir / "metrics.json", metrics)
     log.info("eval: top-1 %.3f (chance %.3f), FD(classifier) %.3f, diversity ratio %s, memorization ratio %s; %s",
              metrics["user_acc/top1"], metrics["user_acc/chance"], metrics["fd/classifier"],
              metrics["diversity/ratio"], metrics["memorization/ratio"], out_dir / "metrics.json")

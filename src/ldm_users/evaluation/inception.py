@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from ldm_users.errors import ConfigError
@@ -172,8 +173,6 @@ class FIDInceptionV3(nn.Module):
 
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickles code
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
