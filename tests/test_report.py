@@ -15,7 +15,7 @@ from ldm_users.errors import DataError
 from ldm_users.cli.report import make_report
 from ldm_users.reporting.jobs import JobRow
 from ldm_users.reporting.plots import fd_key
-from ldm_users.tracking import LocalTracker
+from ldm_users.tracking import METRICS_FILE, LocalTracker
 from tests.helpers import compose
 
 
@@ -43,8 +43,11 @@ def _train_job(sweep, num, model, losses, params, rate, status="ok", error=None,
 def test_report_of_a_training_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     _train_job(sweep, 1, "dit_tiny", [(10, 1.2), (20, 0.9)], 59888, 30.0, peak=1.5)
-    # Killed after logging step 20 but before its checkpoint; resumed from step 10, it logs step 20 again.
-    _train_job(sweep, 0, "unet_tiny", [(10, 1.0), (20, 0.8), (20, 0.7)], 792964, 40.0)
+    job0 = _train_job(sweep, 0, "unet_tiny", [(10, 1.0), (20, 0.8)], 792964, 40.0)
+    # Killed after logging step 20 but before its checkpoint and resumed from step 10 by a version that logged the
+    # replayed steps again (today's trackers skip them): the later value of step 20 wins.
+    with open(job0 / METRICS_FILE, "a") as f:
+        f.write(json.dumps({"event": "log", "stage": "ldm", "step": 20, "metrics": {"train/loss": 0.7}}) + "\n")
     _train_job(sweep, 2, "unet_tiny", [(10, 1.1)], 792964, 40.0, status="failed", error="RuntimeError: boom")
     result = make_report([sweep])
 
@@ -54,7 +57,7 @@ def test_report_of_a_training_sweep(tmp_path):
     assert [r["job"] for r in rows] == ["0", "1", "2"]  # by job number, not by directory listing
     assert [r["model"] for r in rows] == ["unet_tiny", "dit_tiny", "unet_tiny"]
     assert rows[0]["params_denoiser"] == "792964" and rows[1]["params_denoiser"] == "59888"
-    assert float(rows[0]["final_loss"]) == 0.7 and float(rows[1]["images_per_sec"]) == 30.0
+    assert float(rows[0]["final_loss"]) == 0.8 and float(rows[1]["images_per_sec"]) == 30.0
     assert rows[1]["peak_memory_gib"] == "1.5" and rows[0]["peak_memory_gib"] == ""
     assert rows[2]["status"] == "failed" and rows[2]["error"] == "RuntimeError: boom"
     assert float(rows[2]["final_loss"]) == 1.1  # no summary: the last logged loss
@@ -64,7 +67,7 @@ def test_report_of_a_training_sweep(tmp_path):
     assert "Common overrides: `experiment=smoke`" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3  # header + one row per job
-    assert table[1].startswith("| 0 | model=unet_tiny | ok | unet_tiny | cpu | 792,964 | 20 | 0.7 |")
+    assert table[1].startswith("| 0 | model=unet_tiny | ok | unet_tiny | cpu | 792,964 | 20 | 0.8 |")
     assert "- job 2 (`experiment=smoke,model=unet_tiny`): RuntimeError: boom" in markdown
     curves = {r.columns["job"]: r.curves["ldm"] for r in result["rows"]}
     assert curves[0] == [(10, 1.0), (20, 0.7)]  # the resumed run's value for step 20 wins

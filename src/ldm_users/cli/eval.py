@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm_users.config import config_dir
+from ldm_users.config import config_dir, run_dir_name
 from ldm_users.errors import exit_on_user_error
 from ldm_users.evaluation.evaluate import evaluate_export, log_to_tracker
 from ldm_users.evaluation.provenance import adopt_trained_settings, trained_identity, trained_run_dir
@@ -44,7 +44,8 @@ def eval_tracker(cfg: DictConfig, export: Path, out_dir: Path):
             cfg.logger.group = identity["group"]
         if not cfg.logger.get("run_name"):
             trained_name = identity.get("name") or OmegaConf.select(cfg, "model.name") or export.name
-            cfg.logger.run_name = "-".join(filter(None, [trained_name, "eval", override_dirname()]))
+            settings = override_dirname() and run_dir_name(override_dirname())  # e.g. sampler.guidance_scale-2
+            cfg.logger.run_name = "-".join(filter(None, [trained_name, "eval", settings]))
     tracker = make_tracker(cfg, out_dir, "eval")
     tracker.use_artifact(export, name=f"export-{OmegaConf.select(cfg, 'model.name') or 'model'}", type="model")
     return tracker
