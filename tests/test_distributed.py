@@ -195,7 +195,7 @@ def _build_caches(data_root: str, cache: str, counts: str, barrier) -> None:
     from ldm_users.data import folder
     from ldm_users.models.build import build_vae
     from ldm_users.training import latent_cache
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     def counted(fn, what: str, delay: float):
         def wrapper(*args, **kwargs):

@@ -15,7 +15,7 @@ import yaml
 
 from ldm_users import hpo
 from ldm_users.errors import ConfigError
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose
 
 optuna_installed = pytest.mark.skipif(
     __import__("importlib").util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,

@@ -16,7 +16,7 @@ import pytest
 from ldm_users.tracking import METRICS_FILE, read_metrics
 from ldm_users.tracking.base import NullTracker
 from ldm_users.training import shared_vae
-from tests.conftest import compose
+from tests.helpers import compose
 
 DATASET = SimpleNamespace(fingerprint="abc123", resolution=32)
 
