@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import logging
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from ldm_users.data.folder import PreparedDataset, prepare_folder
-from ldm_users.errors import ConfigError
+from ldm_users.errors import ConfigError, LdmUsersError
 
 log = logging.getLogger(__name__)
+
+
+def _generate(node: DictConfig) -> None:
+    """Run a built-in generator (a `_target_` node) that writes the folder dataset at data.root once."""
+    try:
+        instantiate(node)
+    except InstantiationException as err:
+        # Hydra wraps whatever the target raises; our own errors already name the key and the fix.
+        if isinstance(err.__cause__, LdmUsersError):
+            raise err.__cause__ from None
+        raise
 
 
 def prepare_dataset(cfg: DictConfig, show_progress: bool = True) -> PreparedDataset:
@@ -25,7 +37,7 @@ def prepare_dataset(cfg: DictConfig, show_progress: bool = True) -> PreparedData
         if data.get("num_users") is not None and int(data.num_users) < 1:
             raise ConfigError(f"data.num_users={data.num_users}: a generated dataset (data={data.name}) needs at "
                               f"least one user.")
-        instantiate(data.generate)
+        _generate(data.generate)
     elif data.get("data_dir") in (None, "???"):
         raise ConfigError("data=folder needs data.data_dir=/path/to/images (one subfolder per user).")
     return prepare_folder(data.root, cfg.paths.cache_dir, int(data.resolution), bool(data.center_crop),
