@@ -6,7 +6,7 @@ import torch
 
 from ldm_users.data import fonts
 from ldm_users.errors import ConfigError
-from tests.conftest import compose
+from tests.helpers import compose
 
 
 def _files(root):
