@@ -145,7 +145,7 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group_and_a_report(tiny_run
         run = run_record(records)
         runs.append(run)
         assert summary["state"] == "finished" and summary["config"]["model"]["name"] == model
-        assert f"+model-{model}+" in run["display_name"] and run["job_type"] == "ldm"
+        assert f"+model-{model}+" in run["display_name"] and run["job_type"] == "train"
         assert f"model={model}" in run["tags"] and "experiment=smoke" in run["tags"]
         rows = history(records)
         assert [r["ldm/step"] for r in rows if "train/loss" in r] == [2, 4]
