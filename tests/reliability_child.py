@@ -87,10 +87,10 @@ def _install_weight_dump(folder: str) -> None:
     from safetensors.torch import save_file
 
     from ldm_users.training import checkpoint as ckpt
-    from ldm_users.training import ldm_stage
+    from ldm_users.training import trainer
 
     built = []
-    build, save = ldm_stage.build_denoiser, ckpt.save_checkpoint
+    build, save = trainer.build_denoiser, ckpt.save_checkpoint
 
     def build_denoiser(*args, **kwargs):
         built.append(build(*args, **kwargs))  # the module itself: DDP wraps it and updates it in place
@@ -104,7 +104,7 @@ def _install_weight_dump(folder: str) -> None:
             save_file(state, str(Path(folder) / f"step{step}-rank{accelerator.process_index}.safetensors"))
         return out
 
-    ldm_stage.build_denoiser, ckpt.save_checkpoint = build_denoiser, save_checkpoint
+    trainer.build_denoiser, ckpt.save_checkpoint = build_denoiser, save_checkpoint
 
 
 if __name__ == "__main__":

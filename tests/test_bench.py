@@ -21,7 +21,7 @@ def bench_cfg(*overrides):
 
 @pytest.mark.slow
 def test_bench_writes_table_and_json_with_sane_ratios(tmp_path):
-    from ldm_users.bench import run
+    from ldm_users.cli.bench import run
 
     results = tmp_path / "results"
     result = run(bench_cfg(f"bench.results_dir={results}"), run_dir=tmp_path / "run")
@@ -61,7 +61,7 @@ def test_bench_writes_table_and_json_with_sane_ratios(tmp_path):
 @pytest.mark.slow
 def test_memory_truth_agrees_with_diagnose_on_cpu(tmp_path):
     """The capped run (emulated on CPU by a live-tensor cap) and ldm-diagnose's verdict agree on both sides."""
-    from ldm_users.bench import run
+    from ldm_users.cli.bench import run
 
     common = ["bench.mode=memory", "bench.memory.models=[unet_tiny]", "bench.memory.profiles=[cpu]",
               "bench.memory.reserve_gib=0", f"bench.results_dir={tmp_path}"]
@@ -77,7 +77,7 @@ def test_memory_truth_agrees_with_diagnose_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU memory-cap path needs CUDA")
 def test_memory_truth_gpu_cap(tmp_path):
-    from ldm_users.bench import run
+    from ldm_users.cli.bench import run
 
     rows = run(bench_cfg("bench.mode=memory", "bench.memory.models=[unet_tiny]", "bench.memory.profiles=[gpu_8gb]",
                          f"bench.results_dir={tmp_path}"))["memory_rows"]

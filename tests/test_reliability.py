@@ -213,7 +213,7 @@ def test_signals_checkpoint_and_random_sigkills_resume_bit_exact(reference, tmp_
     latest = ckpt.latest_checkpoint(run_dir / "vae" / "checkpoints")
     assert f"saved {latest}" in err  # the checkpoint of the step it stopped at, not only the periodic one
 
-    killed_at_random("ldm_users.training.vae_stage:VAEWithLoss.forward", delays[0])
+    killed_at_random("ldm_users.training.steps:VAEWithLoss.forward", delays[0])
 
     job = Running(run_dir, session_cache)
     assert job.wait_for(run_dir / "ldm" / "checkpoints" / "checkpoint-0000004"), job.finish()[1][-3000:]
@@ -224,7 +224,7 @@ def test_signals_checkpoint_and_random_sigkills_resume_bit_exact(reference, tmp_
     latest = ckpt.latest_checkpoint(run_dir / "ldm" / "checkpoints")
     assert f"saved {latest}" in err
 
-    killed_at_random("ldm_users.training.step:LdmTrainStep.__call__", delays[1])
+    killed_at_random("ldm_users.training.steps:LdmTrainStep.__call__", delays[1])
 
     out = _train(run_dir, session_cache)
     assert out.returncode == 0, f"random SIGKILL delays {delays}: {out.stderr[-3000:]}"
@@ -518,7 +518,7 @@ def test_two_processes_one_run_same_weights_and_resume(tmp_path, session_cache):
                 str(CHILD), *args]
     # SIGTERM to rank 1 alone, as LDM step 6 begins; rank 0 gets no signal and must stop with it.
     env = _env(session_cache, LDM_TEST_DUMP_WEIGHTS=str(dumps), OMP_NUM_THREADS="1", LDM_TEST_FAULT_RANK="1",
-               LDM_TEST_FAULT="ldm_users.training.step:LdmTrainStep.__call__:6:term")
+               LDM_TEST_FAULT="ldm_users.training.steps:LdmTrainStep.__call__:6:term")
     first = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     ldm = run_dir / "ldm" / "checkpoints"
     stopped = ckpt.latest_checkpoint(ldm)

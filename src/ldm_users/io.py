@@ -46,6 +46,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` and the folder itself to disk (before renaming it into place)."""
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(Path(folder))
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, directory: bool = False, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write `target` at; rename it into place when the block ends without error.

@@ -73,3 +73,41 @@ class LiveMemory(TorchDispatchMode):
             if isinstance(leaf, torch.Tensor):
                 self._add(leaf)
         return out
+
+
+class PeakMemory:
+    """Bytes live now and at the peak while the block runs: the CUDA allocator's statistics on a GPU (everything
+    allocated, whenever), a LiveMemory trace elsewhere (what is created inside, plus the objects in `track`).
+    On CPU, `limit_bytes` makes the trace raise torch.OutOfMemoryError past it, as a capped GPU would."""
+
+    def __init__(self, device: torch.device, track=(), limit_bytes: int | None = None):
+        self.device, self.track, self.limit = torch.device(device), track, limit_bytes
+        self.live: LiveMemory | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.live = LiveMemory(self.limit).track(*self.track)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+        else:
+            torch.cuda.synchronize(self.device)
+
+    def current(self) -> int:
+        return self.live.current if self.live is not None else torch.cuda.memory_allocated(self.device)
+
+    @property
+    def peak(self) -> int:
+        return self.live.peak if self.live is not None else torch.cuda.max_memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        if self.live is not None:
+            self.live.reset_peak()
+        else:
+            torch.cuda.reset_peak_memory_stats(self.device)

@@ -8,27 +8,33 @@ Static terms, exactly what ldm-train holds on the accelerator during the LDM sta
   EMA          4 B/param: the diffusers EMAModel shadow copy, kept on the device (train.ema.enabled).
   frozen VAE   4 B/param (fp32, kept on the device for the sample grids) + the latent cache when it is moved
                to the device (ldm_stage moves it when it is under 20% of hardware.memory_gb).
-Activations (and autocast weight copies, temporaries, optimizer/EMA scratch) are measured by running the
-step: on CUDA with torch.cuda.max_memory_allocated, elsewhere by tracing every allocation on fake tensors
-(no arithmetic) or, for small models, real CPU tensors. CPU traces use bf16 autocast where the profile
-asks for fp16/bf16: the same ops run in 16-bit, so the bytes match.
+Activations (and autocast weight copies, temporaries, optimizer/EMA scratch) are measured by running ldm-train's
+own step, built by training/trainer.py: on CUDA with torch.cuda.max_memory_allocated, elsewhere by tracing every
+allocation on fake tensors (no arithmetic) or, for small models, real CPU tensors. CPU traces use bf16 autocast
+where the profile asks for fp16/bf16: the same ops run in 16-bit, so the bytes match.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig
+from accelerate import Accelerator
+from omegaconf import DictConfig, open_dict
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ldm_users.errors import ConfigError
-from ldm_users.models.build import model_kind
-from ldm_users.perf.live_memory import LiveMemory
+from ldm_users.models.build import build_denoiser, build_vae, model_kind
+from ldm_users.perf.live_memory import PeakMemory
+from ldm_users.training.latent_cache import LatentCache
+from ldm_users.training.trainer import build_ldm_trainer, reset_accelerator_state
 
 GIB = 2**30
-ADAM_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 2 * 4 / 256}  # bitsandbytes: 2 x uint8 + fp32 absmax per 256
+# AdamW's two fp32 states; an 8-bit AdamW (bitsandbytes: 2 x uint8 + an fp32 absmax per 256) is only quoted in
+# the "does not fit" note, ldm-train has none.
+ADAM_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 2 * 4 / 256}
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,6 @@ class Settings:
     gradient_checkpointing: bool = False
     channels_last: bool = False
     fused_adam: bool = False
-    optimizer: str = "adamw"
     ema: bool = True
 
     @classmethod
@@ -50,8 +55,18 @@ class Settings:
         return cls(precision=str(hw.mixed_precision), batch=int(hw.batch_size),
                    accum=int(hw.gradient_accumulation_steps), gradient_checkpointing=bool(hw.get("gradient_checkpointing")),
                    channels_last=bool(hw.get("channels_last")) and model_kind(cfg) == "unet",
-                   fused_adam=bool(hw.get("fused_adam")), optimizer=str(hw.get("optimizer", "adamw")),
-                   ema=bool(cfg.train.ema.enabled))
+                   fused_adam=bool(hw.get("fused_adam")), ema=bool(cfg.train.ema.enabled))
+
+    def apply(self, cfg: DictConfig) -> DictConfig:
+        """A copy of cfg that trains with these settings."""
+        out = cfg.copy()
+        with open_dict(out):
+            hw = out.hardware
+            hw.mixed_precision, hw.batch_size, hw.gradient_accumulation_steps = self.precision, self.batch, self.accum
+            hw.gradient_checkpointing, hw.channels_last = self.gradient_checkpointing, self.channels_last
+            hw.fused_adam = self.fused_adam
+            out.train.ema.enabled = self.ema
+        return out
 
     def overrides(self, base: Settings) -> list[str]:
         """Command-line overrides that turn `base` into these settings."""
@@ -62,8 +77,6 @@ class Settings:
             out += [f"hardware.batch_size={self.batch}", f"hardware.gradient_accumulation_steps={self.accum}"]
         if self.ema != base.ema:
             out.append(f"train.ema.enabled={str(self.ema).lower()}")
-        if self.optimizer != base.optimizer:
-            out.append(f"hardware.optimizer={self.optimizer}")
         return out
 
 
@@ -77,8 +90,6 @@ def require_num_users(cfg: DictConfig) -> int:
 
 def parameter_counts(cfg: DictConfig) -> dict[str, int]:
     """Exact parameter counts, built on the meta device (no memory, no init cost)."""
-    from ldm_users.models.build import build_denoiser, build_vae
-
     require_num_users(cfg)
     with torch.device("meta"):
         vae = build_vae(cfg)
@@ -104,7 +115,7 @@ def latent_cache_bytes(cfg: DictConfig) -> int | None:
 def static_bytes(cfg: DictConfig, counts: dict[str, int], s: Settings) -> dict[str, int]:
     trainable = counts["denoiser"] + counts["user_encoder"]
     out = {"weights": 4 * trainable, "gradients": 4 * trainable,
-           "optimizer": int(ADAM_STATE_BYTES[s.optimizer] * trainable), "ema": 4 * trainable if s.ema else 0,
+           "optimizer": int(ADAM_STATE_BYTES["adamw"] * trainable), "ema": 4 * trainable if s.ema else 0,
            "vae": 4 * counts["vae"]}
     cache = latent_cache_bytes(cfg)
     on_device = cache is not None and cache < 0.2 * float(cfg.hardware.memory_gb) * GIB
@@ -114,25 +125,17 @@ def static_bytes(cfg: DictConfig, counts: dict[str, int], s: Settings) -> dict[s
 
 # -- measuring one training step ----------------------------------------------------------------------------
 
-class _Meter:
-    """Live bytes now / peak, from the CUDA allocator or from a LiveMemory trace."""
-
-    def __init__(self, device: torch.device, live: LiveMemory | None):
-        self.device, self.live = device, live
-
-    def current(self) -> int:
-        return self.live.current if self.live is not None else torch.cuda.memory_allocated(self.device)
-
-    def peak(self) -> int:
-        return self.live.peak if self.live is not None else torch.cuda.max_memory_allocated(self.device)
+def placeholder_users(cfg: DictConfig) -> list[str]:
+    """Names for data.num_users users (the measurements need the count, not the dataset)."""
+    return [f"user_{i:02d}" for i in range(require_num_users(cfg))]
 
 
-def _autocast(device: torch.device, precision: str, fake_or_cpu: bool):
-    if precision == "no":
-        return contextlib.nullcontext()
-    if fake_or_cpu:  # CPU autocast runs the same op list in 16 bits: bf16 stands in for fp16 (same bytes)
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+def random_latents(cfg: DictConfig, n: int, device, seed: int = 0) -> LatentCache:
+    """A latent cache of n random posteriors, standing in for the dataset's (speed and memory, not quality)."""
+    c, h, w = latent_shape(cfg)
+    g = torch.Generator().manual_seed(seed)
+    return LatentCache(mean=torch.randn(n, c, h, w, generator=g), std=0.1 * torch.rand(n, c, h, w, generator=g),
+                       labels=torch.randint(0, require_num_users(cfg), (n,), generator=g), path=Path("random")).to(device)
 
 
 @dataclass
@@ -143,80 +146,58 @@ class StepMemory:
 
 
 def measure_step(cfg: DictConfig, s: Settings, method: str = "fake", limit_bytes: int | None = None) -> StepMemory:
-    """Run two optimizer steps of the denoiser with these settings and measure the second (steady state).
+    """Run two optimizer steps of ldm-train's own LDM step (training/trainer.py) with these settings and measure
+    the second (steady state). method: "fake" (shapes only, any size, on CPU), "cpu" (real arithmetic on CPU:
+    small models only), "cuda" (the current GPU).
 
-    method: "fake" (shapes only, any size, on CPU), "cpu" (real arithmetic on CPU: small models only),
-    "cuda" (the current GPU). Mirrors training/step.py: accumulation, autocast, clip, AdamW, EMA.
+    Where this differs from a training run, and why:
+    - at most 2 micro-batches per step: from the second on, each holds the gradients of those before it, so more
+      only cost time;
+    - CPU traces run fp16 profiles as bf16 autocast (CPU autocast and accelerate have no fp16 there; the same ops
+      run in 16 bits, so the bytes match);
+    - fake tensors: no channels_last and no device placement by accelerate (fake parameters cannot be converted:
+      Module.to swaps them; channels_last changes strides, not bytes) and the finite check counts as passed (fake
+      tensors hold no values);
+    - a random latent cache of one micro-batch stands in for the dataset's (counted in static_bytes instead).
     """
-    from diffusers.training_utils import EMAModel
-
-    from ldm_users.models.build import build_denoiser
-
-    num_users = require_num_users(cfg)
-    device = torch.device("cuda" if method == "cuda" else "cpu")
-    traced = method != "cuda"
-    if method == "cuda":
+    traced, fake = method != "cuda", method == "fake"
+    run_cfg = replace(s, accum=min(s.accum, 2), channels_last=s.channels_last and not fake).apply(cfg)
+    device = torch.device("cpu" if traced else "cuda")
+    precision = "bf16" if traced and s.precision == "fp16" else s.precision
+    base = 0
+    if not traced:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    mode = contextlib.nullcontext()
-    if method == "fake":
-        from torch._subclasses.fake_tensor import FakeTensorMode
+    reset_accelerator_state()
+    activations = [0]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+            accelerator = Accelerator(mixed_precision=precision, cpu=traced, device_placement=not fake,
+                                      gradient_accumulation_steps=run_cfg.hardware.gradient_accumulation_steps)
+            with PeakMemory(device, limit_bytes=limit_bytes if traced else None) as meter:
+                trainer = build_ldm_trainer(run_cfg, accelerator, placeholder_users(cfg),
+                                            random_latents(run_cfg, s.batch, device), 1.0, num_steps=2,
+                                            compile_model=False)
+                step = trainer.step
+                if fake:
+                    step.check_finite = lambda loss, grad_norm: True
+                forward = step.forward
 
-        mode = FakeTensorMode()
-    with mode:
-        live = LiveMemory(limit_bytes) if traced else None
-        meter = _Meter(device, live)
-        with torch.device(device):
-            model = build_denoiser(cfg)
-        if s.gradient_checkpointing:
-            model.backbone.enable_gradient_checkpointing()
-        # channels_last changes strides, not bytes; fake parameters cannot be converted (module.to swaps them).
-        if s.channels_last and method != "fake":
-            model = model.to(memory_format=torch.channels_last)
-        if live is not None:
-            live.track(model)
-        with (live if live is not None else contextlib.nullcontext()):
-            model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            impl = {"fused": True} if s.fused_adam else {"foreach": True}
-            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, **impl)
-            ema = EMAModel(params, foreach=True) if s.ema else None
-            if ema is not None:
-                ema.to(device)
-            c, h, w = latent_shape(cfg)
-            activations = 0
-            for step in range(2):
-                if step == 1:
-                    if live is not None:
-                        live.reset_peak()
-                    elif method == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                micros = min(s.accum, 2)  # the 2nd micro-batch already carries the 1st one's gradients
-                for micro in range(micros):
-                    x = torch.randn(s.batch, c, h, w, device=device)
-                    if s.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    t = torch.randint(0, 1000, (s.batch,), device=device)
-                    users = torch.randint(0, num_users, (s.batch,), device=device)
+                def measured_forward(*args):
                     before = meter.current()
-                    # As in training/step.py: only the forward and the loss run under autocast.
-                    with _autocast(device, s.precision, traced):
-                        pred = model(x, t, users)
-                        loss = F.mse_loss(pred.float(), x.float())
-                    activations = max(activations, meter.current() - before)
-                    loss.backward()
-                    del pred, loss
-                    if micro == micros - 1:
-                        torch.nn.utils.clip_grad_norm_(params, 1.0)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.step(params)
-            peak = meter.peak() - (base if method == "cuda" else 0)
-    label = {"fake": "traced on fake tensors (CPU)", "cpu": "measured on CPU", "cuda": "measured on CUDA"}[method]
-    return StepMemory(peak=int(peak), activations=int(activations), method=label)
+                    out = forward(*args)
+                    activations[0] = max(activations[0], meter.current() - before)
+                    return out
 
+                step.forward = measured_forward
+                step(0)
+                meter.reset_peak()
+                step(1)
+                peak = meter.peak - base
+    finally:
+        reset_accelerator_state()  # the next Accelerator of this process may want another precision
+    label = {"fake": "traced on fake tensors (CPU)", "cpu": "measured on CPU", "cuda": "measured on CUDA"}[method]
+    return StepMemory(peak=int(peak), activations=int(activations[0]), method=label)
 
 # -- the verdict ------------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm_users import io
 from ldm_users.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
                 write_extra(tmp)
             # The state file goes last: list_checkpoints treats a folder without it as incomplete.
             _write_json(tmp / STATE_FILE, {**state, "step": step})
-            _fsync_tree(tmp)
-            replace_dir(tmp, final)
+            io.fsync_tree(tmp)
+            io.replace_dir(tmp, final)
     except OSError as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -82,33 +83,8 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and total_limit:
         for old in list_checkpoints(root)[:-total_limit]:
-            _remove_dir(old)
+            io.remove_dir(old)
     return final
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete folder `tmp` to `final`, replacing what is there; a kill at any moment leaves a
-    complete `final` (old or new) or none, never a half-deleted one that still looks complete."""
-    tmp, final = Path(tmp), Path(final)
-    old = None
-    if final.exists():
-        old = final.with_name(f".trash-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_dir(folder: Path) -> None:
-    # Rename first: a kill halfway through the deletion must not leave a torn folder under a valid name.
-    trash = folder.with_name(f".trash-{folder.name}")
-    try:
-        os.replace(folder, trash)
-    except OSError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -156,23 +132,5 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _write_json(path: Path, obj) -> None:
+    # Inside the temporary folder: the rename of the whole folder is what makes it atomic.
     path.write_text(json.dumps(obj, indent=1, default=str))
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

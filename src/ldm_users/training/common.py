@@ -38,6 +38,11 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return accelerator
 
 
+def global_batch(cfg: DictConfig, accelerator) -> int:
+    """Images per optimizer step over all processes: per-device batch x accumulation x world size."""
+    return int(cfg.hardware.batch_size) * accelerator.gradient_accumulation_steps * accelerator.num_processes
+
+
 def total_steps(train_cfg: DictConfig, num_samples: int, samples_per_step: int) -> int:
     """Optimizer steps from max_steps, or from num_epochs when that is set (the notes train by epochs)."""
     if train_cfg.get("num_epochs"):

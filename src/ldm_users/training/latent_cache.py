@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ldm_users.errors import DataError
 from ldm_users.io import build_once, require_free_space
+from ldm_users.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _open(path: Path, expected: int) -> tuple[np.ndarray | None, str]:
 def _encode(vae, path: Path, dataset, device, batch_size: int, show_progress: bool) -> None:
     """Every image's posterior (mean, std), written batch by batch into a memory-mapped .npy at `path`."""
     out = None
-    for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents", disable=not show_progress):
+    for start in progress(range(0, len(dataset), batch_size), desc="encoding latents", disable=not show_progress):
         images, _ = dataset.batch(range(start, min(start + batch_size, len(dataset))))
         dist = vae.encode(images.to(device, vae.dtype)).latent_dist
         posterior = torch.stack([dist.mean.float(), dist.std.float()], dim=1).cpu().numpy()

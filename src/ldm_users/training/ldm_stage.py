@@ -1,25 +1,17 @@
 """Stage 2: train the user-conditioned denoiser on cached latents of the frozen VAE.
 
-One readable loop (in the spirit of DiT's train.py): sample a micro-batch of cached latent posteriors,
-draw z ~ N(mean, std) * scaling_factor, add DDPM noise at random timesteps, replace users by the null
-user with probability p_uncond (classifier-free guidance), regress epsilon or v. accelerate handles
-mixed precision, gradient accumulation and multi-process; EMA, sample grids, checkpoints and export
-happen at their intervals on the main process.
+The trainer (model, optimizer, EMA, step) comes from training/trainer.py, the loop (resume, logging,
+checkpoints, signals) from training/loop.py; this stage adds the latent cache, the EMA weights in every
+checkpoint, sample grids from the EMA weights, and at the end the final grid and the diffusers export.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
-from diffusers.training_utils import EMAModel
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from ldm_users.data.folder import PreparedDataset
 from ldm_users.grid import user_rows_grid
@@ -27,14 +19,15 @@ from ldm_users.inference.export import export_pipeline, make_pipeline
 from ldm_users.inference.loading import load_frozen_vae
 from ldm_users.inference.samplers import call_kwargs, make_scheduler
 from ldm_users.models.build import build_denoiser, count_parameters
+from ldm_users.perf.flops import denoiser_train_flops_per_image
+from ldm_users.perf.memory_model import latent_shape
 from ldm_users.pipeline import UserLDMPipeline
-from ldm_users.training import checkpoint as ckpt
 from ldm_users.training import latent_cache
-from ldm_users.training.common import DataOrder, make_lr_scheduler, make_optimizer, total_steps
-from ldm_users.training.nonfinite import BadStepCounter
-from ldm_users.training.resume import resolve_resume, write_run_meta
-from ldm_users.training.signals import interrupted, stop_on_signals, stop_requested
-from ldm_users.training.step import LdmTrainStep
+from ldm_users.training.common import global_batch, total_steps
+from ldm_users.training.ema import EMASwap, load_ema, save_ema
+from ldm_users.training.loop import Stage, StageHooks, StageRunner
+from ldm_users.training.signals import stop_on_signals
+from ldm_users.training.trainer import LdmTrainer, build_ldm_trainer
 
 log = logging.getLogger(__name__)
 
@@ -51,216 +44,89 @@ def sample_grid(pipe: UserLDMPipeline, cfg: DictConfig, users: list[str], path: 
     return path
 
 
-class EMASwap:
-    """Context for sampling: the model in eval mode (no dropout) holding the EMA weights; afterwards its training
-    weights and mode again."""
-
-    def __init__(self, ema: EMAModel | None, module: torch.nn.Module):
-        self.ema, self.module = ema, module
-        self.params = list(module.parameters())
-
-    def __enter__(self):
-        self.was_training = self.module.training
-        self.module.eval()
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.params)
-        self.module.train(self.was_training)
+def load_latents(cfg: DictConfig, vae, dataset: PreparedDataset, accelerator) -> latent_cache.LatentCache:
+    """The dataset's latent posteriors (encoded once, cached on disk); on the GPU when they fit (16 KB per
+    32x32x4 image: a small share of the memory budget)."""
+    is_main = accelerator.is_main_process
+    cache = latent_cache.load_or_encode(vae, dataset, cfg.paths.cache_dir, accelerator.device, show_progress=is_main)
+    if accelerator.device.type == "cuda" and cache.nbytes() < 0.2 * float(cfg.hardware.memory_gb) * 2**30:
+        cache = cache.to(accelerator.device)
+    return cache
 
 
-def _save_ema(folder: Path, ema: EMAModel | None, model) -> None:
-    if ema is None:
-        return
-    names = [n for n, _ in model.named_parameters()]
-    ckpt.save_tensors(folder / "ema.safetensors", dict(zip(names, ema.shadow_params)))
-    (folder / "ema_state.json").write_text(
-        json.dumps({"optimization_step": int(ema.optimization_step), "decay": ema.decay}))
+class LdmHooks(StageHooks):
+    """The LDM stage's part of the loop: the EMA weights in every checkpoint, sample grids from the EMA."""
 
+    def __init__(self, cfg: DictConfig, trainer: LdmTrainer, pipeline, users: list[str], stage_dir: Path, tracker):
+        self.cfg, self.trainer, self.pipeline, self.users = cfg, trainer, pipeline, users
+        self.stage_dir, self.tracker = stage_dir, tracker
 
-def _load_ema(folder: Path, ema: EMAModel | None, model) -> None:
-    if ema is None:
-        return
-    path = folder / "ema.safetensors"
-    if not path.exists():
-        log.warning("%s has no EMA weights: EMA restarts from the current weights", folder)
-        return
-    tensors = ckpt.load_tensors(path)
-    names = [n for n, _ in model.named_parameters()]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise ckpt.CheckpointError(f"{path} lacks EMA weights for {missing[:3]}: it belongs to another model.")
-    for shadow, name in zip(ema.shadow_params, names):
-        shadow.data.copy_(tensors[name].to(shadow.device, shadow.dtype))
-    state = json.loads((folder / "ema_state.json").read_text())
-    ema.optimization_step = state["optimization_step"]
+    def write_extra(self, folder: Path) -> None:
+        save_ema(folder, self.trainer.ema, self.trainer.unwrapped)
+
+    def resumed(self, folder: Path) -> None:
+        load_ema(folder, self.trainer.ema, self.trainer.unwrapped)
+
+    def grid(self, name: str, use_ema: bool = True, export_dir: Path | None = None) -> Path:
+        with EMASwap(self.trainer.ema if use_ema else None, self.trainer.unwrapped):
+            grid = sample_grid(self.pipeline(), self.cfg, self.users, self.stage_dir / "samples" / name,
+                               int(self.cfg.seed))
+            if export_dir is not None:
+                export_pipeline(self.pipeline(), export_dir, self.cfg.sampler, self.trainer.noise_scheduler.config,
+                                training_config=self.cfg)
+        return grid
+
+    def sample(self, step: int) -> None:
+        grid = self.grid(f"step-{step:07d}.png")
+        self.tracker.log_image("ldm/samples", grid, step=step, caption="one row per user (EMA weights)")
 
 
 @stop_on_signals
-def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir: Path, accelerator, tracker) -> Path:
+def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir: Path, accelerator,
+              tracker) -> Path | None:
     """Train (or resume) the denoiser; returns the export folder (None when stopped early on purpose)."""
-    tcfg, hw = cfg.train, cfg.hardware
+    tcfg = cfg.train
     stage_dir = run_dir / "ldm"
-    device = accelerator.device
-    batch, accum = int(hw.batch_size), accelerator.gradient_accumulation_steps
-    world = accelerator.num_processes
-    is_main = accelerator.is_main_process
-
-    vae = load_frozen_vae(vae_dir, device)
-    scaling = float(vae.config.scaling_factor)
-    cache = latent_cache.load_or_encode(vae, dataset, cfg.paths.cache_dir, device, show_progress=is_main)
-    # Latents live on the accelerator when they fit (they are small: 16 KB per 32x32x4 image).
-    if device.type == "cuda" and cache.nbytes() < 0.2 * float(hw.memory_gb) * 2**30:
-        cache = cache.to(device)
-
-    noise_scheduler = instantiate(cfg.noise_scheduler)
-    alphas = noise_scheduler.alphas_cumprod.to(device)
-    noise_scheduler.alphas_cumprod = alphas  # add_noise/get_velocity then stay on the device
-
-    set_seed(int(cfg.seed) + 1)  # the initial weights are part of what a seed reproduces
-    model = build_denoiser(cfg, dataset.users)
-    if hw.get("gradient_checkpointing"):
-        model.backbone.enable_gradient_checkpointing()
-    channels_last = bool(hw.get("channels_last")) and model.kind == "unet"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = {"denoiser": count_parameters(model.backbone), "user_encoder": count_parameters(model.condition),
-              "vae": count_parameters(vae)}
-    steps = total_steps(tcfg, len(dataset), batch * accum * world)
-    optimizer = make_optimizer(model.parameters(), float(tcfg.lr), float(tcfg.weight_decay),
-                               (tcfg.adam_beta1, tcfg.adam_beta2), fused=hw.get("fused_adam", False))
-    lr_scheduler = make_lr_scheduler(tcfg.lr_scheduler, optimizer, int(tcfg.warmup_steps), steps, world)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    unwrapped = accelerator.unwrap_model(model)
-    ema = None
-    if tcfg.ema.enabled:
-        ema = EMAModel(unwrapped.parameters(), decay=float(tcfg.ema.decay), use_ema_warmup=bool(tcfg.ema.warmup),
-                       foreach=True)  # a few fused kernels per step, not two per parameter
-        ema.to(device)
-
-    start = 0
-    resume_from = resolve_resume(cfg, stage_dir / "checkpoints", dataset.users, stage="ldm")
-    if resume_from is not None:
-        start = ckpt.load_checkpoint(accelerator, resume_from)["step"]
-        _load_ema(resume_from, ema, unwrapped)
-        log.info("LDM: resumed from %s at step %d", resume_from, start)
-
-    forward = model
-    compile_seconds = None
-    if hw.get("compile") and device.type == "cuda":
-        forward = torch.compile(model)
-
-    def save(step: int) -> Path:
-        def extra(folder: Path) -> None:
-            write_run_meta(folder, cfg, dataset.users, stage="ldm")
-            _save_ema(folder, ema, unwrapped)
-        return ckpt.save_checkpoint(accelerator, stage_dir / "checkpoints", step,
-                                    {"stage": "ldm", "epoch": order.epoch_of(step * accum * world * batch)},
-                                    write_extra=extra, total_limit=int(tcfg.checkpoints_total_limit))
-
-    def pipeline():
-        return make_pipeline(vae, unwrapped, make_scheduler(cfg.sampler, noise_scheduler.config), dataset.users)
-
-    order = DataOrder(len(dataset), int(cfg.seed))
-    p_uncond, null_id = float(tcfg.p_uncond), unwrapped.null_id
-    prediction_type = str(tcfg.prediction_type)
-    log_every = int(tcfg.log_interval)
-    max_norm = float(tcfg.max_grad_norm) if tcfg.max_grad_norm else float("inf")
-    # The step itself lives in training/step.py so ldm-bench times exactly this code.
-    train_step = LdmTrainStep(accelerator=accelerator, model=model, forward=forward, optimizer=optimizer,
-                              lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler, cache=cache, order=order,
-                              scaling=scaling, batch=batch, seed=int(cfg.seed), p_uncond=p_uncond, null_id=null_id,
-                              prediction_type=prediction_type, channels_last=channels_last, max_norm=max_norm)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    stop_at = int(tcfg.stop_at_step) if tcfg.get("stop_at_step") else None
-    progress = tqdm(range(start, steps), initial=start, total=steps, desc="ldm", disable=not is_main)
-    running_loss = torch.zeros((), device=device)
-    running_norm = torch.zeros((), device=device)
-    logged_steps, good_steps, bad_steps = 0, 0, BadStepCounter(tcfg.max_bad_steps, "LDM")
-    last_good_checkpoint = resume_from
-    t_log, images_since_log = time.perf_counter(), 0
-    last_loss, last_rate = float("nan"), float("nan")
-    model.train()
-    for step in progress:
-        t_step = time.perf_counter()
-        result = train_step(step)
-        loss, grad_norm, skipped = result.last_loss, result.grad_norm, result.skipped
-        if skipped:  # not applied to the weights; K in a row stop the run
-            bad_steps.bad(step + 1, loss.item(), last_good_checkpoint)
-        else:
-            bad_steps.good()
-            good_steps += 1
-            running_loss += result.loss  # skipped steps stay out of the logged means
-            running_norm += grad_norm.detach().float()
-            if ema is not None:
-                ema.step(unwrapped.parameters())
-        if compile_seconds is None and hw.get("compile") and device.type == "cuda" and step == start:
-            torch.cuda.synchronize()
-            compile_seconds = time.perf_counter() - t_step
-            log.info("LDM: first (compiling) step took %.1f s", compile_seconds)
-        done = step + 1
-        logged_steps += 1
-        images_since_log += batch * accum * world
-        if done % log_every == 0 or done == steps:
-            mean_loss = accelerator.reduce(running_loss, "mean").item() / good_steps if good_steps else float("nan")
-            mean_norm = running_norm.item() / good_steps if good_steps else float("nan")
-            elapsed = time.perf_counter() - t_log
-            rate = images_since_log / max(elapsed, 1e-9)
-            lr = lr_scheduler.get_last_lr()[0]
-            metrics = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": mean_norm,
-                       "train/images_per_sec": rate, "train/epoch": order.epoch_of(done * accum * world * batch),
-                       "train/skipped_steps": bad_steps.total}
-            if device.type == "cuda":
-                metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            tracker.log(metrics, step=done)
-            last_loss, last_rate = mean_loss, rate
-            running_loss.zero_()
-            running_norm.zero_()
-            logged_steps, good_steps, images_since_log, t_log = 0, 0, 0, time.perf_counter()
-        if is_main and done % int(tcfg.sample_interval) == 0:
-            with EMASwap(ema, unwrapped):
-                grid = sample_grid(pipeline(), cfg, dataset.users, stage_dir / "samples" / f"step-{done:07d}.png",
-                                   int(cfg.seed))
-            tracker.log_image("samples/grid", grid, step=done, caption="one row per user (EMA weights)")
-        if done % int(tcfg.save_interval) == 0 and done < steps:
-            last_good_checkpoint = save(done)
-        if stop_at is not None and done >= stop_at and done < steps:
-            # A planned interruption (time-sliced or preemptible jobs): checkpoint, then stop as a kill would.
-            if done % int(tcfg.save_interval):
-                last_good_checkpoint = save(done)
-            log.info("LDM: stopped at step %d as train.stop_at_step asks; rerun the same command to resume.", done)
-            return None
-        signum = stop_requested(accelerator)  # SIGTERM/SIGINT: checkpoint and stop (every rank at this step)
-        if signum and done < steps:
-            if done % int(tcfg.save_interval):
-                last_good_checkpoint = save(done)
-            raise interrupted(signum, f"after LDM step {done} of {steps}; saved {last_good_checkpoint}")
-
-    model.eval()
-    if steps > start or ckpt.latest_checkpoint(stage_dir / "checkpoints") is None:
-        last_good_checkpoint = save(steps)
+    vae = load_frozen_vae(vae_dir, accelerator.device)
+    cache = load_latents(cfg, vae, dataset, accelerator)
+    steps = total_steps(tcfg, len(dataset), global_batch(cfg, accelerator))
+    trainer = build_ldm_trainer(cfg, accelerator, dataset.users, cache, float(vae.config.scaling_factor), steps)
+    scheduler = make_scheduler(cfg.sampler, trainer.noise_scheduler.config)  # grids and export sample with it
+    hooks = LdmHooks(cfg, trainer, lambda: make_pipeline(vae, trainer.unwrapped, scheduler, dataset.users),
+                     dataset.users, stage_dir, tracker)
+    stage = Stage(name="ldm", label="LDM", keys=tcfg, keys_name="train", stage_dir=stage_dir, total_steps=steps,
+                  batch=int(cfg.hardware.batch_size), step=trainer.step, lr_scheduler=trainer.lr_scheduler,
+                  order=trainer.step.order, lr=float(tcfg.lr), hooks=hooks, time_first_step=trainer.compiled)
+    runner = StageRunner(stage, cfg, dataset.users, accelerator, tracker)
+    trainer.model.train()
+    if not runner.run(runner.resume()):
+        return None
+    trainer.model.eval()
+    runner.save_final()
     export_dir = run_dir / "export"
-    if is_main:
-        use_ema = bool(cfg.export.get("use_ema", True)) and ema is not None
-        with EMASwap(ema if use_ema else None, unwrapped):
-            grid = sample_grid(pipeline(), cfg, dataset.users, stage_dir / "samples" / "final.png", int(cfg.seed))
-            if cfg.export.enabled:
-                export_pipeline(pipeline(), export_dir, cfg.sampler, noise_scheduler.config, training_config=cfg)
-        tracker.log_image("samples/grid", grid, step=steps, caption="final, one row per user (EMA weights)")
-        summary = {"final/loss": last_loss, "final/images_per_sec": last_rate, "params/denoiser": params["denoiser"],
-                   "params/user_encoder": params["user_encoder"], "params/vae": params["vae"],
-                   "train/skipped_steps_total": bad_steps.total, "final/grid": str(grid)}
-        if compile_seconds is not None:
-            summary["train/compile_seconds"] = compile_seconds
-        if device.type == "cuda":
-            summary["final/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        tracker.set_summary(summary)
+    if accelerator.is_main_process:
+        use_ema = bool(cfg.export.get("use_ema", True))
+        grid = hooks.grid("final.png", use_ema, export_dir if cfg.export.enabled else None)
+        tracker.log_image("ldm/samples", grid, step=steps, caption="final, one row per user (EMA weights)")
+        tracker.set_summary(final_summary(cfg, runner, trainer, vae, dataset.users))
         log.info("LDM: final grid %s; export %s", grid, export_dir if cfg.export.enabled else "(disabled)")
     accelerator.wait_for_everyone()
     return export_dir
+
+
+def final_summary(cfg: DictConfig, runner: StageRunner, trainer: LdmTrainer, vae, users: list[str]) -> dict:
+    """What runs are compared by that only this stage knows: exact sizes, training FLOPs per image, skipped steps.
+    The smoothed loss, median images/s, peak memory and wall-clock come from the whole logged history
+    (tracking/summary.py), so a resumed or eval-only rerun reports them too."""
+    model = trainer.unwrapped
+    summary = {"params/denoiser": count_parameters(model.backbone),
+               "params/user_encoder": count_parameters(model.condition), "params/vae": count_parameters(vae),
+               "ldm/skipped_steps_total": runner.bad.total}
+    try:  # on fake tensors: seconds even for the largest model, and no memory
+        summary["ldm/train_flops_per_image"] = denoiser_train_flops_per_image(
+            lambda: build_denoiser(cfg, users), latent_shape(cfg), len(users))
+    except Exception as err:  # a backbone the flop counter cannot trace: the figure is missing, training is not
+        log.warning("LDM: training FLOPs per image not counted (%s)", err)
+    if runner.first_step_seconds is not None:
+        summary["ldm/compile_seconds"] = runner.first_step_seconds
+    return summary

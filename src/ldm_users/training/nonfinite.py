@@ -2,8 +2,8 @@
 
 A NaN or inf loss or gradient norm must never reach the weights (one such update ruins them for good). The
 step is skipped instead (under fp16 the GradScaler does this itself and lowers its scale), counted in the
-logs, and after train.max_bad_steps consecutive bad steps the run stops with a message naming the step and
-the last good checkpoint, which was written before the trouble and stays intact.
+logs, and after `max_bad_steps` (train.* or vae_train.*) consecutive bad steps the run stops with a message
+naming the step and the last good checkpoint, which was written before the trouble and stays intact.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def step_is_finite(accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | No
 class BadStepCounter:
     """Skipped optimizer steps: the total (for the logs) and the current streak (for the stop)."""
 
-    def __init__(self, limit: int, stage: str):
+    def __init__(self, limit: int, stage: str, key: str = "train.max_bad_steps"):
         self.limit = max(1, int(limit))
-        self.stage = stage
+        self.stage, self.key = stage, key
         self.in_a_row = 0
         self.total = 0
 
@@ -55,6 +55,6 @@ class BadStepCounter:
         if self.in_a_row >= self.limit:
             raise NonFiniteLossError(
                 f"{self.stage} step {step}: {self.in_a_row} optimizer steps in a row had a non-finite loss or "
-                f"gradient (last loss {loss}); stopping (train.max_bad_steps={self.limit}). Lower the learning "
+                f"gradient (last loss {loss}); stopping ({self.key}={self.limit}). Lower the learning "
                 f"rate, check the data, or use another precision. The last good checkpoint is "
                 f"{last_good_checkpoint or 'none (no checkpoint was written yet)'} and is intact.")

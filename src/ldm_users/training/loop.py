@@ -1,0 +1,203 @@
+"""The stage runner both training stages use: resume, the step loop, logging, sample grids, checkpoints, stops.
+
+A stage hands over its step (training/steps.py) and its hooks; the runner does the rest the same way for both:
+
+- resume from the latest complete checkpoint (`train.resume`), refusing one of another user map or model;
+- every step: the step object, then bad-step bookkeeping (a skipped step counts towards `max_bad_steps` in a
+  row and stays out of the logged means);
+- every `log_interval` steps: means over the good steps since the last log (loss, grad norm), LR, images/s,
+  epoch, skipped steps, peak GPU memory, plus the stage's own terms; under `<stage name>/` in the tracker (`vae/*`, `ldm/*`);
+- every `sample_interval` steps on the main process: the stage's `sample` hook (a grid);
+- every `save_interval` steps: a checkpoint (rotated to `checkpoints_total_limit`), with the stage's files;
+- `stop_at_step` and SIGTERM/SIGINT: checkpoint at this step and stop (a signal raises TrainingInterrupted).
+
+The cadence keys are read from the stage's own config node (`cfg.vae_train` or `cfg.train`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+
+from ldm_users.progress import progress
+from ldm_users.training import checkpoint as ckpt
+from ldm_users.training.common import DataOrder
+from ldm_users.training.nonfinite import BadStepCounter
+from ldm_users.training.resume import resolve_resume, write_run_meta
+from ldm_users.training.signals import interrupted, stop_requested
+from ldm_users.training.steps import StepResult
+
+log = logging.getLogger(__name__)
+
+
+class StageHooks:
+    """What a stage adds to the runner; every hook is optional."""
+
+    def checkpoint_state(self) -> dict:
+        """Extra trainer-state entries of a checkpoint."""
+        return {}
+
+    def write_extra(self, folder: Path) -> None:
+        """Extra files of a checkpoint (written into its temporary folder, main process only)."""
+
+    def resumed(self, folder: Path) -> None:
+        """After accelerate restored its state from `folder` (e.g. the EMA weights)."""
+
+    def sample(self, step: int) -> None:
+        """Every sample_interval steps, on the main process."""
+
+    def metrics(self, result: StepResult) -> dict:
+        """Extra logged values (without the stage prefix) from the latest step."""
+        return {}
+
+
+@dataclass
+class Stage:
+    name: str                 # "vae" | "ldm": metric prefix, checkpoint state, progress bar, resume
+    label: str                # "VAE" | "LDM": log lines and error messages
+    keys: DictConfig          # cfg.vae_train | cfg.train: the cadence keys
+    keys_name: str            # "vae_train" | "train": how messages name those keys
+    stage_dir: Path           # <run>/<name>
+    total_steps: int
+    batch: int                # images per micro-batch per process
+    step: Callable[[int], StepResult]
+    lr_scheduler: object
+    order: DataOrder
+    lr: float                 # the configured (peak) learning rate, for the opening log line
+    hooks: StageHooks = field(default_factory=StageHooks)
+    time_first_step: bool = False  # log how long the first step took (torch.compile compiles in it)
+
+
+class StageRunner:
+    def __init__(self, stage: Stage, cfg: DictConfig, users: list[str], accelerator, tracker):
+        self.stage, self.cfg, self.users, self.accelerator, self.tracker = stage, cfg, users, accelerator, tracker
+        self.device = accelerator.device
+        self.images_per_step = stage.batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        self.bad = BadStepCounter(stage.keys.max_bad_steps, stage.label, f"{stage.keys_name}.max_bad_steps")
+        self.last_checkpoint: Path | None = None
+        self.last_loss = self.last_rate = float("nan")
+        self.first_step_seconds: float | None = None
+        self.trained_steps = 0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.stage.stage_dir / "checkpoints"
+
+    def resume(self) -> int:
+        """Restore the latest (or the given) checkpoint of this stage; returns the step to start at."""
+        stage = self.stage
+        self.last_checkpoint = resolve_resume(self.cfg, self.checkpoints, self.users, stage=stage.name)
+        if self.last_checkpoint is None:
+            return 0
+        start = ckpt.load_checkpoint(self.accelerator, self.last_checkpoint)["step"]
+        stage.hooks.resumed(self.last_checkpoint)
+        log.info("%s: resumed from %s at step %d", stage.label, self.last_checkpoint, start)
+        return start
+
+    def save(self, step: int) -> Path:
+        stage = self.stage
+
+        def extra(folder: Path) -> None:
+            write_run_meta(folder, self.cfg, self.users, stage=stage.name)
+            stage.hooks.write_extra(folder)
+
+        state = {"stage": stage.name, "epoch": stage.order.epoch_of(step * self.images_per_step),
+                 **stage.hooks.checkpoint_state()}
+        self.last_checkpoint = ckpt.save_checkpoint(self.accelerator, self.checkpoints, step, state,
+                                                    write_extra=extra,
+                                                    total_limit=int(stage.keys.checkpoints_total_limit))
+        return self.last_checkpoint
+
+    def save_final(self) -> None:
+        """The checkpoint at the last step, unless this run trained nothing and one exists already."""
+        if self.trained_steps or ckpt.latest_checkpoint(self.checkpoints) is None:
+            self.save(self.stage.total_steps)
+
+    def run(self, start: int) -> bool:
+        """Train from `start` to the end; False when stopped on purpose at stop_at_step (already checkpointed)."""
+        stage, keys = self.stage, self.stage.keys
+        steps = stage.total_steps
+        accum, world = self.accelerator.gradient_accumulation_steps, self.accelerator.num_processes
+        log.info("%s: steps %d to %d, global batch %d (%d per device x %d accumulation x %d process(es)), lr %.3g",
+                 stage.label, start, steps, self.images_per_step, stage.batch, accum, world, stage.lr)
+        self.trained_steps = steps - start
+        self._reset_window()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        stop_at = int(keys.stop_at_step) if keys.get("stop_at_step") else None
+        bar = progress(range(start, steps), initial=start, total=steps, desc=stage.name,
+                       disable=not self.accelerator.is_main_process)
+        for step in bar:
+            result = self._timed_step(step, first=step == start)
+            done = step + 1
+            self._account(done, result)
+            if done % int(keys.log_interval) == 0 or done == steps:
+                self._log(done, result, bar)
+            if self.accelerator.is_main_process and done % int(keys.sample_interval) == 0:
+                stage.hooks.sample(done)
+            if done % int(keys.save_interval) == 0 and done < steps:
+                self.save(done)
+            if stop_at is not None and done >= stop_at and done < steps:
+                # A planned interruption (time-sliced or preemptible jobs): checkpoint, then stop as a kill would.
+                self._save_unless_saved(done)
+                log.info("%s: stopped at step %d as %s.stop_at_step asks; rerun the same command to resume.",
+                         stage.label, done, stage.keys_name)
+                return False
+            signum = stop_requested(self.accelerator)  # SIGTERM/SIGINT: checkpoint and stop, all ranks here
+            if signum and done < steps:
+                self._save_unless_saved(done)
+                raise interrupted(signum, f"after {stage.label} step {done} of {steps}; saved {self.last_checkpoint}")
+        return True
+
+    def _timed_step(self, step: int, first: bool) -> StepResult:
+        if not (first and self.stage.time_first_step):
+            return self.stage.step(step)
+        t0 = time.perf_counter()
+        result = self.stage.step(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.first_step_seconds = time.perf_counter() - t0
+        log.info("%s: first (compiling) step took %.1f s", self.stage.label, self.first_step_seconds)
+        return result
+
+    def _save_unless_saved(self, done: int) -> None:
+        if done % int(self.stage.keys.save_interval):
+            self.save(done)
+
+    def _reset_window(self) -> None:
+        self.running_loss = torch.zeros((), device=self.device)
+        self.running_norm = torch.zeros((), device=self.device)
+        self.good_steps, self.images_since_log, self.t_log = 0, 0, time.perf_counter()
+
+    def _account(self, done: int, result: StepResult) -> None:
+        """Bad-step bookkeeping; a skipped step (not applied to the weights) stays out of the logged means."""
+        self.images_since_log += self.images_per_step
+        if result.skipped:  # K in a row stop the run
+            self.bad.bad(done, result.last_loss.item(), self.last_checkpoint)
+            return
+        self.bad.good()
+        self.good_steps += 1
+        self.running_loss += result.loss
+        self.running_norm += result.grad_norm.detach().float()
+
+    def _log(self, done: int, result: StepResult, bar) -> None:
+        good = self.good_steps
+        mean_loss = self.accelerator.reduce(self.running_loss, "mean").item() / good if good else float("nan")
+        mean_norm = self.running_norm.item() / good if good else float("nan")
+        rate = self.images_since_log / max(time.perf_counter() - self.t_log, 1e-9)
+        lr = self.stage.lr_scheduler.get_last_lr()[0]
+        values = {"loss": mean_loss, "lr": lr, "grad_norm": mean_norm, "images_per_sec": rate,
+                  "epoch": self.stage.order.epoch_of(done * self.images_per_step), "skipped_steps": self.bad.total}
+        if self.device.type == "cuda":
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        values.update({k: float(v) for k, v in self.stage.hooks.metrics(result).items()})
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        self.tracker.log({f"{self.stage.name}/{k}": v for k, v in values.items()}, step=done)
+        self.last_loss, self.last_rate = mean_loss, rate
+        self._reset_window()
