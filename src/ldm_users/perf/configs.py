@@ -1,15 +1,17 @@
 """Swap one config group of an already composed config (another model or hardware profile) inside a running app.
 
-Hydra's compose API cannot be re-entered from inside @hydra.main, and the group files hold only
-absolute interpolations (${data.resolution}, ${model.embed_dim}...), so loading a group file into
-the copied config gives exactly what `ldm-train <group>=<name>` would compose.
+The option is composed on its own by Hydra (so its `defaults`, e.g. a model size's `_base_`, are applied) and put
+in place of the group in a copy of the config. The group files hold only absolute interpolations
+(${data.resolution}, ${model.embed_dim}...), so this gives exactly what `ldm-train <group>=<name>` would compose.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
 
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError
@@ -26,8 +28,16 @@ def with_group(cfg: DictConfig, group: str, name: str) -> DictConfig:
         raise ConfigError(f"{group}={name}: no {path}; choose one of {', '.join(group_options(group))}.")
     new = cfg.copy()
     with open_dict(new):
-        new[group] = OmegaConf.load(path)
+        new[group] = compose_option(group, name)
     return new
+
+
+def compose_option(group: str, name: str) -> DictConfig:
+    """conf/<group>/<name>.yaml with its defaults applied, as the node that goes under `group`."""
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path is ours
+        return compose(config_name=f"{group}/{name}")[group]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=f"{group}/{name}")[group]
 
 
 def resolve_list(value, group: str, current: str) -> list[str]:
