@@ -37,8 +37,8 @@ def test_objective_is_the_metric_and_the_worst_value_for_a_failed_trial(optimizi
     up = compose("experiment=smoke", "hpo.metric=eval/user_acc/top1", "hpo.direction=maximize")
     assert hpo.objective(up, {"summary": {"eval/user_acc/top1": 0.75}}) == 0.75
     assert hpo.objective(up, None) == -math.inf
-    with pytest.raises(ConfigError, match=r"hpo.metric=eval/user_acc/top1 .*numeric keys: final/loss"):
-        hpo.objective(up, {"summary": {"final/loss": 0.3, "final/grid": "x.png"}})
+    with pytest.raises(ConfigError, match=r"hpo.metric=eval/user_acc/top1 .*numeric keys: ldm/loss_smoothed"):
+        hpo.objective(up, {"summary": {"ldm/loss_smoothed": 0.3, "vae/reused_from": "x"}})
 
 
 def test_objective_outside_an_optimising_sweep_never_fails():

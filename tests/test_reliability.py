@@ -437,10 +437,10 @@ def test_few_nan_steps_are_skipped_not_applied(reference, tmp_path, monkeypatch,
         assert logs[-1]["vae/skipped_steps"] == 2
     else:
         weights = load_file(str(final / "model.safetensors"))
-        assert result["summary"]["train/skipped_steps_total"] == 2
+        assert result["summary"]["ldm/skipped_steps_total"] == 2
         assert json.loads((final / "ema_state.json").read_text())["optimization_step"] == 4  # 6 - 2 skipped
         assert torch.load(final / "scheduler.bin", weights_only=True)["last_epoch"] == 4
-        assert logs[0]["train/skipped_steps"] == 1 and np.isfinite(logs[0]["train/loss"])  # means skip them
+        assert logs[0]["ldm/skipped_steps"] == 1 and np.isfinite(logs[0]["ldm/loss"])  # means skip them
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 

@@ -28,11 +28,10 @@ def _train_job(sweep, num, model, losses, params, rate, status="ok", error=None,
     tracker.log({"vae/loss": 0.4}, step=5)
     tracker.begin_stage("ldm")
     for step, loss in losses:
-        tracker.log({"train/loss": loss, "train/images_per_sec": rate - 1,
-                     **({"train/peak_memory_gib": peak} if peak else {})}, step=step)
+        tracker.log({"ldm/loss": loss, "ldm/images_per_sec": rate,
+                     **({"ldm/peak_memory_gib": peak} if peak else {})}, step=step)
     if status == "ok":
-        tracker.set_summary({"final/loss": losses[-1][1], "final/images_per_sec": rate, "params/denoiser": params,
-                             "params/user_encoder": 7, "params/vae": 11})
+        tracker.set_summary({"params/denoiser": params, "params/user_encoder": 7, "params/vae": 11})
     tracker.finish(0 if status == "ok" else 1)
     (job / "status.json").write_text(json.dumps({"job": num, "name": f"experiment=smoke,model={model}",
                                                  "overrides": ["experiment=smoke", f"model={model}"],
@@ -47,7 +46,7 @@ def test_report_of_a_training_sweep(tmp_path):
     # Killed after logging step 20 but before its checkpoint and resumed from step 10 by a version that logged the
     # replayed steps again (today's trackers skip them): the later value of step 20 wins.
     with open(job0 / METRICS_FILE, "a") as f:
-        f.write(json.dumps({"event": "log", "stage": "ldm", "step": 20, "metrics": {"train/loss": 0.7}}) + "\n")
+        f.write(json.dumps({"event": "log", "stage": "ldm", "step": 20, "metrics": {"ldm/loss": 0.7}}) + "\n")
     _train_job(sweep, 2, "unet_tiny", [(10, 1.1)], 792964, 40.0, status="failed", error="RuntimeError: boom")
     result = make_report([sweep])
 
@@ -57,17 +56,18 @@ def test_report_of_a_training_sweep(tmp_path):
     assert [r["job"] for r in rows] == ["0", "1", "2"]  # by job number, not by directory listing
     assert [r["model"] for r in rows] == ["unet_tiny", "dit_tiny", "unet_tiny"]
     assert rows[0]["params_denoiser"] == "792964" and rows[1]["params_denoiser"] == "59888"
-    assert float(rows[0]["final_loss"]) == 0.8 and float(rows[1]["images_per_sec"]) == 30.0
+    # The summary the tracker derived at finish: the mean of the last logged losses, the median images/s.
+    assert float(rows[0]["final_loss"]) == pytest.approx(0.9) and float(rows[1]["images_per_sec"]) == 30.0
     assert rows[1]["peak_memory_gib"] == "1.5" and rows[0]["peak_memory_gib"] == ""
     assert rows[2]["status"] == "failed" and rows[2]["error"] == "RuntimeError: boom"
-    assert float(rows[2]["final_loss"]) == 1.1  # no summary: the last logged loss
+    assert float(rows[2]["final_loss"]) == 1.1  # a failed job: derived from what it logged
     assert rows[0]["steps"] == "20" and "guidance_scale" not in rows[0]
 
     markdown = result["markdown"].read_text()
     assert "Common overrides: `experiment=smoke`" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3  # header + one row per job
-    assert table[1].startswith("| 0 | model=unet_tiny | ok | unet_tiny | cpu | 792,964 | 20 | 0.8 |")
+    assert table[1].startswith("| 0 | model=unet_tiny | ok | unet_tiny | cpu | 792,964 | 20 | 0.9 |")
     assert "- job 2 (`experiment=smoke,model=unet_tiny`): RuntimeError: boom" in markdown
     curves = {r.columns["job"]: r.curves["ldm"] for r in result["rows"]}
     assert curves[0] == [(10, 1.0), (20, 0.7)]  # the resumed run's value for step 20 wins
@@ -139,3 +139,16 @@ def test_no_jobs_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ldm_users.cli.report", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "is not a directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_size_sweep_gets_loss_accuracy_and_speed_against_parameters(tmp_path):
+    sweep = tmp_path / "sweep"
+    for num, (model, params, rate) in enumerate([("unet_tiny", 792964, 40.0), ("dit_tiny", 59888, 30.0)]):
+        _train_job(sweep, num, model, [(10, 1.0 + num), (20, 0.8 + num)], params, rate)
+    result = make_report([sweep])
+    assert result["scaling_plot"] == sweep / "report" / "scaling.png" and result["scaling_plot"] in result["plots"]
+    with Image.open(result["scaling_plot"]) as plot:
+        assert plot.size[0] > 600
+    one = tmp_path / "one"
+    _train_job(one, 0, "unet_tiny", [(10, 1.0)], 792964, 40.0)
+    assert make_report([one])["scaling_plot"] is None  # a single size: nothing to plot against

@@ -33,9 +33,9 @@ def test_offline_run_holds_resolved_config_metrics_images_summary_artifact(tmp_p
     tracker.log({"vae/loss": 0.5}, step=1)
     tracker.log({"vae/loss": 0.25}, step=2)
     tracker.begin_stage("ldm")  # its steps restart at 1: they must not be dropped as "going backwards"
-    tracker.log({"train/loss": 1.5, "train/lr": 1e-3, "train/images_per_sec": torch.tensor(12.0)}, step=1)
-    tracker.log_image("samples/grid", _png(tmp_path / "grid.png"), step=1, caption="one row per user")
-    tracker.set_summary({"final/loss": 1.5, "params/denoiser": 1234, "params/user_encoder": 56})
+    tracker.log({"ldm/loss": 1.5, "ldm/lr": 1e-3, "ldm/images_per_sec": torch.tensor(12.0)}, step=1)
+    tracker.log_image("ldm/samples", _png(tmp_path / "grid.png"), step=1, caption="one row per user")
+    tracker.set_summary({"ldm/loss_smoothed": 1.5, "params/denoiser": 1234, "params/user_encoder": 56})
     export = tmp_path / "export"
     export.mkdir()
     (export / "model_index.json").write_text("{}")
@@ -54,7 +54,7 @@ def test_offline_run_holds_resolved_config_metrics_images_summary_artifact(tmp_p
     assert config["model"]["name"] == "unet_tiny" and config["hardware"]["name"] == "cpu"
     assert config["system"]["torch"] == torch.__version__ and config["system"]["gpu_count"] == 0
     assert config["params"] == {"denoiser": 1234, "user_encoder": 56}  # parameter counts as config keys
-    assert summary["summary"]["final/loss"] == 1.5 and summary["summary"]["params/denoiser"] == 1234
+    assert summary["summary"]["ldm/loss_smoothed"] == 1.5 and summary["summary"]["params/denoiser"] == 1234
 
     records = inspect_records(runs[0])
     run = run_record(records)
@@ -62,12 +62,12 @@ def test_offline_run_holds_resolved_config_metrics_images_summary_artifact(tmp_p
     assert {"mine", "model=unet_tiny", "hardware=cpu", "all"} <= set(run["tags"])
     rows = history(records)
     assert [(r["vae/step"], r["vae/loss"]) for r in rows if "vae/loss" in r] == [(1, 0.5), (2, 0.25)]
-    ldm = [r for r in rows if "train/loss" in r]
-    assert len(ldm) == 1 and ldm[0]["ldm/step"] == 1 and ldm[0]["train/images_per_sec"] == 12.0
-    image = next(r for r in rows if "samples/grid._type" in r)
-    assert image["samples/grid._type"] == "image-file" and image["ldm/step"] == 1
-    assert image["samples/grid.caption"] == "one row per user" and image["samples/grid.width"] == 8
-    assert (runs[0] / "files" / image["samples/grid.path"]).is_file()
+    ldm = [r for r in rows if "ldm/loss" in r]
+    assert len(ldm) == 1 and ldm[0]["ldm/step"] == 1 and ldm[0]["ldm/images_per_sec"] == 12.0
+    image = next(r for r in rows if "ldm/samples._type" in r)
+    assert image["ldm/samples._type"] == "image-file" and image["ldm/step"] == 1
+    assert image["ldm/samples.caption"] == "one row per user" and image["ldm/samples.width"] == 8
+    assert (runs[0] / "files" / image["ldm/samples.path"]).is_file()
     artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
     assert len(artifacts) == 1 and artifacts[0]["name"] == "export-unet_tiny" and artifacts[0]["type"] == "model"
 
@@ -77,26 +77,26 @@ def test_offline_run_holds_resolved_config_metrics_images_summary_artifact(tmp_p
                                            "artifact", "summary", "finish"]  # the last summary: derived at finish
     assert local[0]["wandb_id"] == run["run_id"] and local[0]["config"]["model"]["denoiser"]["sample_size"] == 8
     assert [(r["stage"], r["step"]) for r in local if r["event"] == "log"] == [("vae", 1), ("vae", 2), ("ldm", 1)]
-    assert [r for r in local if r["event"] == "log"][2]["metrics"]["train/images_per_sec"] == 12.0  # a tensor's number
+    assert [r for r in local if r["event"] == "log"][2]["metrics"]["ldm/images_per_sec"] == 12.0  # a tensor's number
 
 
 def test_failed_job_is_marked_failed_and_an_open_run_never_gets_the_next_jobs_data(tmp_path):
     cfg = compose("experiment=smoke")
     first = make_tracker(cfg, tmp_path / "a", "all")
-    first.log({"train/loss": 1.0}, step=1)
+    first.log({"ldm/loss": 1.0}, step=1)
     first.finish(exit_code=1)
     (tmp_path / "stray").mkdir()
     stray = wandb.init(mode="offline", dir=str(tmp_path / "stray"), project="other")  # left open
     second = make_tracker(cfg, tmp_path / "b", "all")
     assert second.run.id != stray.id  # wandb would hand back the open run without finish + reinit
-    second.log({"train/loss": 2.0}, step=1)
+    second.log({"ldm/loss": 2.0}, step=1)
     second.finish(0)
 
     failed = inspect_summary(offline_runs(tmp_path / "a")[0])
     assert failed["state"] == "failed" and failed["exit_code"] == 1
-    assert inspect_summary(offline_runs(tmp_path / "stray")[0])["summary"].get("train/loss") is None
+    assert inspect_summary(offline_runs(tmp_path / "stray")[0])["summary"].get("ldm/loss") is None
     ok = inspect_summary(offline_runs(tmp_path / "b")[0])
-    assert ok["state"] == "finished" and ok["summary"]["train/loss"] == 2.0
+    assert ok["state"] == "finished" and ok["summary"]["ldm/loss"] == 2.0
 
 
 def test_without_api_key_goes_offline_by_itself_with_one_line(tmp_path, monkeypatch, caplog):
@@ -154,10 +154,10 @@ def test_tracking_faults_never_stop_training(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(tracker.run, "log", broken)
-    tracker.log({"train/loss": 1.0}, step=1)  # must not raise
-    tracker.log_image("samples/grid", _png(tmp_path / "g.png"), step=1)
+    tracker.log({"ldm/loss": 1.0}, step=1)  # must not raise
+    tracker.log_image("ldm/samples", _png(tmp_path / "g.png"), step=1)
     assert tracker.failed
-    tracker.set_summary({"final/loss": 1.0})
+    tracker.set_summary({"ldm/loss_smoothed": 1.0})
     tracker.finish(0)
     local = read_metrics(tmp_path / "live" / METRICS_FILE)
     # The local copy goes on (the second summary is the one derived from the history at finish).
@@ -166,16 +166,16 @@ def test_tracking_faults_never_stop_training(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb, "init", broken)
     fallback = make_tracker(cfg, tmp_path / "dead", "all")
     assert type(fallback) is LocalTracker
-    fallback.log({"train/loss": 3.0}, step=5)
+    fallback.log({"ldm/loss": 3.0}, step=5)
     fallback.finish(1)
-    assert read_metrics(tmp_path / "dead" / METRICS_FILE)[1]["metrics"] == {"train/loss": 3.0}
+    assert read_metrics(tmp_path / "dead" / METRICS_FILE)[1]["metrics"] == {"ldm/loss": 3.0}
 
 
 def test_logger_none_and_non_main_ranks(tmp_path):
     cfg = compose("experiment=smoke", "logger=none")
     local = make_tracker(cfg, tmp_path / "main", "ldm")
     assert type(local) is LocalTracker
-    local.log({"train/loss": 0.5}, step=10)
+    local.log({"ldm/loss": 0.5}, step=10)
     local.finish(0)
     assert not (tmp_path / "main" / "wandb").exists()
     records = read_metrics(tmp_path / "main" / METRICS_FILE)
@@ -183,17 +183,17 @@ def test_logger_none_and_non_main_ranks(tmp_path):
 
     other_rank = make_tracker(compose("experiment=smoke"), tmp_path / "rank1", "ldm", is_main_process=False)
     assert type(other_rank) is NullTracker
-    other_rank.log({"train/loss": 0.5}, step=1)
-    other_rank.set_summary({"final/loss": 0.5})
+    other_rank.log({"ldm/loss": 0.5}, step=1)
+    other_rank.set_summary({"ldm/loss_smoothed": 0.5})
     other_rank.finish(0)
-    assert other_rank.summary == {"final/loss": 0.5} and not (tmp_path / "rank1").exists()
+    assert other_rank.summary == {"ldm/loss_smoothed": 0.5} and not (tmp_path / "rank1").exists()
 
 
 def test_read_metrics_skips_a_torn_last_line(tmp_path):
     path = tmp_path / METRICS_FILE
-    path.write_text('{"event": "log", "step": 1, "metrics": {"train/loss": NaN}}\n{"event": "lo')
+    path.write_text('{"event": "log", "step": 1, "metrics": {"ldm/loss": NaN}}\n{"event": "lo')
     records = read_metrics(path)
-    assert len(records) == 1 and np.isnan(records[0]["metrics"]["train/loss"])
+    assert len(records) == 1 and np.isnan(records[0]["metrics"]["ldm/loss"])
 
 
 @pytest.mark.parametrize("value,expected", [(np.float32(2.5), 2.5), (torch.tensor(3), 3), ("x", "x")])

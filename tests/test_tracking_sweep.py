@@ -148,11 +148,11 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group_and_a_report(tiny_run
         assert f"+model-{model}+" in run["display_name"] and run["job_type"] == "train"
         assert f"model={model}" in run["tags"] and "experiment=smoke" in run["tags"]
         rows = history(records)
-        assert [r["ldm/step"] for r in rows if "train/loss" in r] == [2, 4]
-        first_log = next(r for r in rows if "train/loss" in r)
-        assert {"train/lr", "train/grad_norm", "train/images_per_sec"} <= set(first_log)
-        assert any(r.get("samples/grid._type") == "image-file" for r in rows)
-        assert summary["summary"]["params/denoiser"] > 0 and summary["summary"]["final/loss"] > 0
+        assert [r["ldm/step"] for r in rows if "ldm/loss" in r] == [2, 4]
+        first_log = next(r for r in rows if "ldm/loss" in r)
+        assert {"ldm/lr", "ldm/grad_norm", "ldm/images_per_sec"} <= set(first_log)
+        assert any(r.get("ldm/samples._type") == "image-file" for r in rows)
+        assert summary["summary"]["params/denoiser"] > 0 and summary["summary"]["ldm/loss_smoothed"] > 0
         assert summary["config"]["params"]["denoiser"] == summary["summary"]["params/denoiser"]
     assert runs[0]["run_group"] == runs[1]["run_group"] == "smoke-size_sweep"
     assert runs[0]["display_name"] != runs[1]["display_name"]
@@ -168,7 +168,7 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group_and_a_report(tiny_run
     for row, job in zip(rows, jobs):
         summary = inspect_summary(offline_runs(job)[0])["summary"]
         assert int(row["params_denoiser"]) == summary["params/denoiser"]  # the numbers W&B got
-        assert float(row["final_loss"]) == pytest.approx(summary["final/loss"])
+        assert float(row["final_loss"]) == pytest.approx(summary["ldm/loss_smoothed"])
         assert row["steps"] == "4" and row["status"] == "ok"
     assert rows[0]["params_denoiser"] != rows[1]["params_denoiser"]
     assert "| 0 | model=unet_tiny | ok |" in (sweep_dir / "report" / "report.md").read_text()

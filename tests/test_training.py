@@ -37,7 +37,7 @@ def test_stage_vae_then_stage_ldm_and_loss_drops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_cli, "make_tracker", lambda *a, **k: Recorder())
     result = _run(tmp_path, "stage=ldm", "train.max_steps=300", "train.lr=2e-3", "train.log_interval=25")
-    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    losses = [m["ldm/loss"] for m in metrics if "ldm/loss" in m]
     assert len(losses) == 12
     assert losses[-1] < 0.6 * losses[0], losses  # a clear drop, not just "finite"
     assert (tmp_path / "export" / "model_index.json").exists() and result["export"]

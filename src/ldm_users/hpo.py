@@ -2,7 +2,7 @@
 
 An optimising sweeper (`hydra/sweeper=optuna`, set by `hparams_search=...`) launches ldm-train jobs and reads
 each job's return value as its objective. The objective is the run-summary key `hpo.metric` (e.g.
-`train/loss_smoothed`, or `eval/user_acc/top1` with `eval.enabled=true`), optimised in `hpo.direction`
+`ldm/loss_smoothed`, or `eval/user_acc/top1` with `eval.enabled=true`), optimised in `hpo.direction`
 (minimize | maximize).
 
 A trial whose training failed returns the worst value for the direction (+inf when minimising, -inf when
@@ -51,7 +51,7 @@ def check(cfg: DictConfig) -> None:
         return
     if metric is None:
         raise ConfigError("an optimising sweep needs an objective: set hpo.metric "
-                          "(e.g. hpo.metric=train/loss_smoothed).")
+                          "(e.g. hpo.metric=ldm/loss_smoothed).")
     if str(cfg.stage) == "vae":
         raise ConfigError(f"hpo.metric={metric} comes from the LDM stage, but stage=vae: use stage=all or stage=ldm.")
     if metric.startswith("eval/") and not (cfg.get("eval") and cfg.eval.get("enabled", False)):

@@ -20,7 +20,7 @@ from ldm_users.tracking import METRICS_FILE, read_metrics
 EVAL_FILE = "metrics.json"  # ldm-eval's, in the job dir; ldm-train eval.enabled=true writes it to <run>/eval/
 JOB_MARKERS = (".hydra", METRICS_FILE, EVAL_FILE, STATUS_FILE)
 # The loss each training stage logs (metrics.jsonl "log" records of that stage).
-LOSS_KEYS = {"vae": "vae/loss", "ldm": "train/loss"}
+LOSS_KEYS = {"vae": "vae/loss", "ldm": "ldm/loss"}
 # ldm-eval's metrics that are not one number per job (per-user breakdowns, confusions, paths), and the run
 # settings it records (guidance scale and steps are columns of their own, not metrics).
 EVAL_NOT_METRICS = ("per_user/", "confusion/")
@@ -131,7 +131,7 @@ def _read_tracked(records: list[dict]) -> _Tracked:
                 tracked.curves.setdefault(stage, {})[int(record["step"])] = float(loss)
             if stage == "ldm":
                 tracked.last_logged = metrics
-                peak = number(metrics.get("train/peak_memory_gib"))
+                peak = number(metrics.get("ldm/peak_memory_gib"))
                 if peak is not None:
                     tracked.peak_logged = max(peak, tracked.peak_logged or 0.0)
     return tracked
@@ -183,9 +183,9 @@ def load_job(job_dir: Path) -> JobRow:
         "params_user_encoder": number(summary.get("params/user_encoder")),
         "params_vae": number(summary.get("params/vae")),
         "steps": max(tracked.curves["ldm"]) if tracked.curves.get("ldm") else None,
-        "final_loss": _first_number(summary.get("final/loss"), last.get("train/loss")),
-        "images_per_sec": _first_number(summary.get("final/images_per_sec"), last.get("train/images_per_sec")),
-        "peak_memory_gib": _first_number(summary.get("final/peak_memory_gib"), tracked.peak_logged),
+        "final_loss": _first_number(summary.get("ldm/loss_smoothed"), last.get("ldm/loss")),
+        "images_per_sec": _first_number(summary.get("ldm/images_per_sec_median"), last.get("ldm/images_per_sec")),
+        "peak_memory_gib": _first_number(summary.get("ldm/peak_memory_gib"), tracked.peak_logged),
         "error": status.get("error"), "job_dir": str(job_dir),
     }, overrides=overrides, curves={stage: sorted(points.items()) for stage, points in tracked.curves.items()})
     evaluated = _evaluation(job_dir, config)

@@ -46,11 +46,13 @@ def latent_scaling_factor(vae, dataset: PreparedDataset, num_samples: int, batch
 
 
 def save_recon_grid(vae, dataset: PreparedDataset, path: Path, device, per_user: int = 4, max_users: int = 8):
-    """Real images next to their reconstructions, a row per user."""
+    """Real images next to their reconstructions, a row per user, under "real | reconstruction" headers."""
     vae.eval()
     rows, labels = [], []
+    users = range(min(dataset.num_users, max_users))
+    per_user = min(per_user, *(int((dataset.labels == u).sum()) for u in users))  # columns line up under headers
     with torch.no_grad():
-        for user in range(min(dataset.num_users, max_users)):
+        for user in users:
             idx = (dataset.labels == user).nonzero().flatten()[:per_user].numpy()
             images, _ = dataset.batch(idx)
             recon = vae.decode(vae.encode(images.to(device, vae.dtype)).latent_dist.mode()).sample
@@ -58,7 +60,7 @@ def save_recon_grid(vae, dataset: PreparedDataset, path: Path, device, per_user:
             rows.append([Image.fromarray(a) for a in real_u8] + [Image.fromarray(a) for a in rec_u8])
             labels.append(dataset.users[user])
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, labels).save(path)
+    make_grid(rows, labels, columns=[("real", per_user), ("reconstruction", per_user)]).save(path)
     vae.train()
     return path
 
