@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from ldm_users.errors import ConfigError
+from ldm_users.training.common import global_batch
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def bind_global_batch(cfg: DictConfig, accelerator) -> int:
     where the tracker (W&B config, metrics.jsonl) and the checkpoints take them from; say it once in the log."""
     hw = cfg.hardware
     batch, accum, world = int(hw.batch_size), accelerator.gradient_accumulation_steps, accelerator.num_processes
-    total = batch * accum * world
+    total = global_batch(cfg, accelerator)
     with open_dict(cfg):
         hw.world_size = world
         hw.global_batch_size = total

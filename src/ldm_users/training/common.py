@@ -43,6 +43,13 @@ def global_batch(cfg: DictConfig, accelerator) -> int:
     return int(cfg.hardware.batch_size) * accelerator.gradient_accumulation_steps * accelerator.num_processes
 
 
+def learning_rate(stage_cfg: DictConfig, cfg: DictConfig, accelerator) -> float:
+    """The stage's peak learning rate: `lr`, or with `scale_lr=true` lr x global batch, as diffusers' training
+    examples do (`--scale_lr`), so a run moved to more GPUs or a bigger batch keeps its per-image step size."""
+    lr = float(stage_cfg.lr)
+    return lr * global_batch(cfg, accelerator) if stage_cfg.get("scale_lr", False) else lr
+
+
 def total_steps(train_cfg: DictConfig, num_samples: int, samples_per_step: int) -> int:
     """Optimizer steps from max_steps, or from num_epochs when that is set (the notes train by epochs)."""
     if train_cfg.get("num_epochs"):

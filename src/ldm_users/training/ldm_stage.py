@@ -23,7 +23,7 @@ from ldm_users.perf.flops import denoiser_train_flops_per_image
 from ldm_users.perf.memory_model import latent_shape
 from ldm_users.pipeline import UserLDMPipeline
 from ldm_users.training import latent_cache
-from ldm_users.training.common import global_batch, total_steps
+from ldm_users.training.common import global_batch, learning_rate, total_steps
 from ldm_users.training.ema import EMASwap, load_ema, save_ema
 from ldm_users.training.loop import Stage, StageHooks, StageRunner
 from ldm_users.training.signals import stop_on_signals
@@ -96,7 +96,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
                      dataset.users, stage_dir, tracker)
     stage = Stage(name="ldm", label="LDM", keys=tcfg, keys_name="train", stage_dir=stage_dir, total_steps=steps,
                   batch=int(cfg.hardware.batch_size), step=trainer.step, lr_scheduler=trainer.lr_scheduler,
-                  order=trainer.step.order, lr=float(tcfg.lr), hooks=hooks, time_first_step=trainer.compiled)
+                  order=trainer.step.order, lr=learning_rate(tcfg, cfg, accelerator), hooks=hooks, time_first_step=trainer.compiled)
     runner = StageRunner(stage, cfg, dataset.users, accelerator, tracker)
     trainer.model.train()
     if not runner.run(runner.resume()):

@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
 from ldm_users.models.build import build_denoiser
-from ldm_users.training.common import DataOrder, make_lr_scheduler, make_optimizer
+from ldm_users.training.common import DataOrder, learning_rate, make_lr_scheduler, make_optimizer
 from ldm_users.training.ema import make_ema
 from ldm_users.training.latent_cache import LatentCache
 from ldm_users.training.objectives import build_objective, make_noise_scheduler
@@ -65,7 +65,7 @@ def build_ldm_trainer(cfg: DictConfig, accelerator, users: list[str], cache: Lat
     channels_last = bool(hw.get("channels_last")) and model.kind == "unet"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model.parameters(), float(tcfg.lr), float(tcfg.weight_decay),
+    optimizer = make_optimizer(model.parameters(), learning_rate(tcfg, cfg, accelerator), float(tcfg.weight_decay),
                                (tcfg.adam_beta1, tcfg.adam_beta2), fused=hw.get("fused_adam", False))
     lr_scheduler = make_lr_scheduler(tcfg.lr_scheduler, optimizer, int(tcfg.warmup_steps), num_steps,
                                      accelerator.num_processes)

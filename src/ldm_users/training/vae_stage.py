@@ -18,7 +18,8 @@ from ldm_users import io
 from ldm_users.data.folder import PreparedDataset
 from ldm_users.grid import make_grid, to_uint8
 from ldm_users.models.build import build_vae
-from ldm_users.training.common import DataOrder, global_batch, make_lr_scheduler, make_optimizer, total_steps
+from ldm_users.training.common import (DataOrder, global_batch, learning_rate, make_lr_scheduler, make_optimizer,
+                                       total_steps)
 from ldm_users.training.loop import Stage, StageHooks, StageRunner
 from ldm_users.training.signals import stop_on_signals
 from ldm_users.training.steps import StepSettings, VAEWithLoss, VaeTrainStep
@@ -91,7 +92,7 @@ def build_vae_step(cfg: DictConfig, dataset: PreparedDataset, accelerator, num_s
     if hw.get("gradient_checkpointing"):
         vae_model.enable_gradient_checkpointing()
     vae = VAEWithLoss(vae_model, tcfg.l1_weight, tcfg.l2_weight, tcfg.kl_weight)
-    optimizer = make_optimizer(vae.parameters(), float(tcfg.lr), float(tcfg.weight_decay),
+    optimizer = make_optimizer(vae.parameters(), learning_rate(tcfg, cfg, accelerator), float(tcfg.weight_decay),
                                fused=hw.get("fused_adam", False))
     lr_scheduler = make_lr_scheduler(tcfg.lr_scheduler, optimizer, int(tcfg.warmup_steps), num_steps,
                                      accelerator.num_processes)
@@ -114,7 +115,7 @@ def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelera
     hooks = VaeHooks(vae, dataset, stage_dir, accelerator.device, tracker)
     stage = Stage(name="vae", label="VAE", keys=tcfg, keys_name="vae_train", stage_dir=stage_dir, total_steps=steps,
                   batch=int(cfg.hardware.batch_size), step=step, lr_scheduler=step.lr_scheduler, order=step.order,
-                  lr=float(tcfg.lr), hooks=hooks)
+                  lr=learning_rate(tcfg, cfg, accelerator), hooks=hooks)
     runner = StageRunner(stage, cfg, dataset.users, accelerator, tracker)
     step.model.train()
     if not runner.run(runner.resume()):
