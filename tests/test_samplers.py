@@ -47,6 +47,9 @@ def test_each_sampler_is_a_target_node_over_the_training_noise_schedule():
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
     with pytest.raises(ConfigError, match="sampler.scheduler=ddim is not a `_target_` node"):
         make_scheduler(OmegaConf.create({"scheduler": "ddim"}), noise)
+    for target in ("builtins.print", "diffusers.UNet2DModel.from_config", "os.system"):  # only diffusers schedulers
+        with pytest.raises(ConfigError, match="name a diffusers scheduler"):
+            make_scheduler(OmegaConf.create({"scheduler": {"_target_": target}}), noise)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

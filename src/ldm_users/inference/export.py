@@ -1,21 +1,31 @@
 """A pipeline over in-memory parts (training grids, checkpoints, benchmarks) and the export writer.
 
-An export is a diffusers `save_pretrained` folder plus `users.json`, `sampler.json` (the sampler settings the
-model was trained with and its training noise-scheduler config, which ldm-sample and ldm-eval default to) and
-`training_config.yaml` (the resolved training config: what ldm-eval names, tags and judges an export by when it is
-evaluated away from its run dir).
+An export is a diffusers `save_pretrained` folder that anyone with diffusers can load:
+
+    DiffusionPipeline.from_pretrained(export, trust_remote_code=True)
+
+model_index.json names the pipeline as `["pipeline_user_ldm", "UserLDMPipeline"]` and the user encoder as
+`["condition", "UserConditionEncoder"]`, and the modules themselves lie beside the weights (diffusers' custom
+pipelines and components: the pipeline module and its relative imports at the top, a component's module in its
+subfolder). Beside them: `users.json`, `training_config.yaml` (what was trained, including the sampler settings
+that ldm-sample and ldm-eval default to), the sample grid and a model card (README.md).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import shutil
 from pathlib import Path
 
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_users import io
-from ldm_users.pipeline import UserDenoiser, UserLDMPipeline
+from ldm_users.config import to_container
+from ldm_users.inference.model_card import SAMPLES_FILE, render_card
+from ldm_users.pipeline import UserDenoiser, UserLDMPipeline, kind_of
 
-SAMPLER_FILE = "sampler.json"
 TRAINING_CONFIG_FILE = "training_config.yaml"
 
 
@@ -27,15 +37,46 @@ def make_pipeline(vae, denoiser: UserDenoiser, scheduler, users: list[str]) -> U
                            **{slot: denoiser.backbone})
 
 
-def export_pipeline(pipe: UserLDMPipeline, out_dir: Path, sampler_cfg: DictConfig, noise_scheduler_config,
-                    training_config: DictConfig | None = None) -> Path:
-    """diffusers layout (vae/, unet/ or transformer/, user_encoder/, scheduler/, model_index.json) + users.json +
-    sampler.json, written to a temporary folder and renamed into place."""
+def _copy_module(source: Path, folder: Path) -> str:
+    """Copy a module and the files it imports relatively (what diffusers copies along); its name for
+    model_index.json."""
+    for path in [source, *map(Path, get_relative_import_files(str(source)))]:
+        shutil.copyfile(path, folder / path.name)
+    return source.stem
+
+
+def ship_code(pipe, folder: Path) -> None:
+    """Put the pipeline's code and its custom components' code in the export and name them in model_index.json,
+    so that diffusers loads them with trust_remote_code=True (components of diffusers itself stay as they are)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = [_copy_module(Path(inspect.getfile(type(pipe))), folder), type(pipe).__name__]
+    for name, component in pipe.components.items():
+        if component is None or type(component).__module__.split(".")[0] == "diffusers":
+            continue
+        module = _copy_module(Path(inspect.getfile(type(component))), folder / name)
+        index[name] = [module, type(component).__name__]
+    io.write_json(folder / "model_index.json", index)
+
+
+def write_model_card(export: Path, metrics: dict | None = None) -> Path:
+    """(Re)write the export's README.md from what the folder holds, with `metrics` (ldm-eval's) when given."""
+    export = Path(export)
+    index = json.loads((export / "model_index.json").read_text())
+    backbone = (index.get("unet") if (index.get("unet") or [None])[0] else index["transformer"])[1]
+    users = json.loads((export / "users.json").read_text())["users"]
+    card = render_card(OmegaConf.load(export / TRAINING_CONFIG_FILE), users, backbone, kind_of(backbone), metrics,
+                       samples=(export / SAMPLES_FILE).exists())
+    return io.write_text(export / "README.md", card)
+
+
+def export_pipeline(pipe: UserLDMPipeline, out_dir: Path, training_cfg: DictConfig, grid: Path | None = None) -> Path:
+    """The export folder, written to a temporary name and renamed into place (a kill leaves none or a whole one)."""
     with io.atomic_path(out_dir, directory=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        ship_code(pipe, tmp)
         io.write_json(tmp / "users.json", {"users": pipe.user_names})
-        io.write_json(tmp / SAMPLER_FILE, {"sampler": OmegaConf.to_container(sampler_cfg, resolve=True),
-                                           "noise_scheduler": dict(noise_scheduler_config)})
-        if training_config is not None:
-            (tmp / TRAINING_CONFIG_FILE).write_text(OmegaConf.to_yaml(training_config, resolve=True))
+        OmegaConf.save(OmegaConf.create(to_container(training_cfg)), tmp / TRAINING_CONFIG_FILE)
+        if grid is not None and Path(grid).exists():
+            shutil.copyfile(grid, tmp / SAMPLES_FILE)
+        write_model_card(tmp)
     return Path(out_dir)

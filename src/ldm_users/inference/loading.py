@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import ConfigError
-from ldm_users.inference.export import SAMPLER_FILE, make_pipeline
-from ldm_users.inference.samplers import adopt_recorded_sampler, make_scheduler, use_sampler
+from ldm_users.inference.export import TRAINING_CONFIG_FILE, make_pipeline
+from ldm_users.inference.samplers import adopt_recorded_sampler, make_scheduler, noise_scheduler, use_sampler
 from ldm_users.io import read_tensors
 from ldm_users.models.build import build_denoiser
 from ldm_users.pipeline import UserLDMPipeline
@@ -44,24 +43,24 @@ def load_frozen_vae(vae_dir, device, dtype=torch.float32) -> AutoencoderKL:
     return vae.to(device).eval().requires_grad_(False)
 
 
-def recorded_sampling(model_path) -> tuple[DictConfig | None, dict | None]:
-    """(the sampler settings the model was trained with, its training noise-scheduler config), each None when the
-    export or checkpoint does not record it (exports written before sampler.json existed)."""
+def training_config(model_path) -> DictConfig | None:
+    """The config the model at `model_path` was trained with: a checkpoint's config.yaml or an export's
+    training_config.yaml (None for exports written before it existed)."""
     path = resolve_export(model_path)
-    if _is_checkpoint(path):
-        cfg = OmegaConf.load(path / "config.yaml")
-        noise = dict(instantiate(cfg.noise_scheduler).config)
-        sampler = cfg.get("sampler")
-        return (sampler if _is_target_sampler(sampler) else None), noise
-    if (path / SAMPLER_FILE).exists():
-        record = json.loads((path / SAMPLER_FILE).read_text())
-        return OmegaConf.create(record["sampler"]), record["noise_scheduler"]
-    return None, None
+    saved = path / ("config.yaml" if _is_checkpoint(path) else TRAINING_CONFIG_FILE)
+    return OmegaConf.load(saved) if saved.exists() else None
 
 
-def _is_target_sampler(sampler) -> bool:
+def recorded_sampling(model_path) -> tuple[DictConfig | None, dict | None]:
+    """(the sampler settings the model was trained with, its training noise-scheduler config), each None when
+    the export or checkpoint does not record it."""
+    cfg = training_config(model_path)
+    if cfg is None:
+        return None, None
+    sampler = cfg.get("sampler")
     # Runs from before the sampler group used `_target_` record `scheduler: ddim`: not reusable, skipped.
-    return sampler is not None and isinstance(sampler.get("scheduler"), DictConfig)
+    usable = sampler is not None and isinstance(sampler.get("scheduler"), DictConfig)
+    return (sampler if usable else None), dict(noise_scheduler(cfg.noise_scheduler).config)
 
 
 def _load_checkpoint_pipeline(checkpoint: Path, use_ema: bool) -> UserLDMPipeline:
@@ -79,10 +78,9 @@ def _load_checkpoint_pipeline(checkpoint: Path, use_ema: bool) -> UserLDMPipelin
     if missing or unexpected:
         raise ConfigError(f"{weights} does not match the model in {checkpoint}/config.yaml "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
-    noise_scheduler = instantiate(cfg.noise_scheduler)
-    sampler = cfg.get("sampler")
+    sampler, noise_config = recorded_sampling(checkpoint)
     # The run's sampler when it is recorded in today's form, else the training scheduler itself.
-    scheduler = make_scheduler(sampler, noise_scheduler.config) if _is_target_sampler(sampler) else noise_scheduler
+    scheduler = make_scheduler(sampler, noise_config) if sampler is not None else noise_scheduler(cfg.noise_scheduler)
     return make_pipeline(load_frozen_vae(vae_dir, "cpu"), denoiser.eval(), scheduler, users)
 
 

@@ -1,28 +1,54 @@
 """Sampler config -> scheduler, and the settings a pipeline call takes from it.
 
-`sampler.scheduler` is a `_target_` node (`diffusers.DDIMScheduler.from_config` plus its keyword overrides),
-instantiated with `config=` the model's training noise-scheduler config: its betas, timestep count, prediction
-type and timestep spacing carry over to whichever sampler is picked (conf/sampler/*.yaml).
+`sampler.scheduler` is a `_target_` node (`diffusers.DDIMScheduler.from_config` plus its keyword overrides), called
+with `config=` the model's training noise-scheduler config: its betas, timestep count, prediction type and timestep
+spacing carry over to whichever sampler is picked (conf/sampler/*.yaml). Only diffusers schedulers can be named.
 """
 
 from __future__ import annotations
 
-from hydra.utils import instantiate
+import re
+
+import diffusers
+from diffusers import SchedulerMixin
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import ConfigError
 from ldm_users.inference.fast_sampling import use_fast_sampling
 
 
+def scheduler_class(target: str, key: str) -> type:
+    """The diffusers scheduler a `_target_` names (`diffusers.X` or `diffusers.X.from_config`), checked by name
+    before anything is imported or called. Settings read back from an export or a checkpoint go through here, so
+    they can build a diffusers scheduler and nothing else (a Hydra `_target_` could name any callable)."""
+    match = re.fullmatch(r"diffusers\.(\w+)(\.from_config)?", target)
+    cls = getattr(diffusers, match.group(1), None) if match else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ConfigError(f"{key}={target}: name a diffusers scheduler, e.g. {key}=diffusers.DDIMScheduler.from_config "
+                          f"(or pick a sampler with sampler=<name>: conf/sampler/).")
+    return cls
+
+
+def _settings(node: DictConfig) -> dict:
+    # Hydra's own keys (_target_, _recursive_, ...) are not scheduler settings.
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+
+
+def noise_scheduler(node: DictConfig):
+    """The training noise scheduler a `noise_scheduler` config node describes."""
+    return scheduler_class(str(node.get("_target_")), "noise_scheduler._target_")(**_settings(node))
+
+
 def make_scheduler(sampler_cfg: DictConfig, noise_scheduler_config):
-    """The sampler's scheduler over the training noise schedule (`noise_scheduler_config`: a scheduler's config)."""
+    """The sampler's scheduler over the training noise schedule (`noise_scheduler_config`: a scheduler's config), as
+    `<Scheduler>.from_config(noise_scheduler_config, **sampler.scheduler)`."""
     node = sampler_cfg.get("scheduler") if sampler_cfg is not None else None
     if not (isinstance(node, DictConfig) and "_target_" in node):
         raise ConfigError(f"sampler.scheduler={node} is not a `_target_` node: pick a sampler with sampler=<name> "
                           f"(conf/sampler/: ddim, ddpm, ...), or give sampler.scheduler._target_="
                           f"diffusers.<Scheduler>.from_config.")
-    # Positional: `config` is also the name of instantiate's own first parameter.
-    return instantiate(node, dict(noise_scheduler_config), _convert_="all")
+    cls = scheduler_class(str(node._target_), "sampler.scheduler._target_")
+    return cls.from_config(dict(noise_scheduler_config), **_settings(node))
 
 
 def use_sampler(pipe, sampler_cfg: DictConfig, noise_scheduler_config) -> None:

@@ -58,8 +58,11 @@ class UserLDMPipeline(DiffusionPipeline):
 
     _optional_components = ["unet", "transformer", "user_encoder"]
 
-    def __init__(self, vae: AutoencoderKL, scheduler: SchedulerMixin, unet=None, transformer=None,
-                 user_encoder: UserConditionEncoder | None = None, user_names: list[str] | None = None):
+    # `user_encoder` has no annotation on purpose: loaded by diffusers from an export, the encoder's class comes from
+    # user_encoder/condition.py, a different class object from the one this module imported, and diffusers' type
+    # check would warn about a correct pipeline.
+    def __init__(self, vae: AutoencoderKL, scheduler: SchedulerMixin, unet=None, transformer=None, user_encoder=None,
+                 user_names: list[str] | None = None):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("UserLDMPipeline needs exactly one of `unet` or `transformer`.")

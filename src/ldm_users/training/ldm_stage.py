@@ -72,8 +72,7 @@ class LdmHooks(StageHooks):
             grid = sample_grid(self.pipeline(), self.cfg, self.users, self.stage_dir / "samples" / name,
                                int(self.cfg.seed))
             if export_dir is not None:
-                export_pipeline(self.pipeline(), export_dir, self.cfg.sampler, self.trainer.noise_scheduler.config,
-                                training_config=self.cfg)
+                export_pipeline(self.pipeline(), export_dir, self.cfg, grid)
         return grid
 
     def sample(self, step: int) -> None:
