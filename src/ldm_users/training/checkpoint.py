@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ldm_users import io
 from ldm_users.errors import CheckpointError
@@ -124,11 +124,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as err:
-        raise CheckpointError(f"cannot read {path}: {err}. The file is truncated or not safetensors.") from None
+load_tensors = io.read_tensors  # safetensors only; a torn file is a CheckpointError (shared with inference/)
 
 
 def _write_json(path: Path, obj) -> None:
