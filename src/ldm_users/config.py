@@ -61,6 +61,8 @@ def old_style_run_dir(run_dir: Path) -> Path | None:
     name = name.replace("/", "_") or "default"
     if is_multirun():
         name = f"{hc.job.num}_{name}"
+    if len(name) > 255:  # no file system holds a name this long, so no such run can exist
+        return None
     old = Path(run_dir).parent / name
     return old if old != Path(run_dir) and old.is_dir() else None
 

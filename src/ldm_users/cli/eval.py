@@ -19,6 +19,7 @@ from ldm_users.errors import exit_on_user_error
 from ldm_users.evaluation.evaluate import evaluate_export, log_to_tracker
 from ldm_users.evaluation.provenance import adopt_trained_settings, trained_identity, trained_run_dir
 from ldm_users.formatting import fmt
+from ldm_users.inference.export import write_model_card
 from ldm_users.inference.loading import adopt_run_sampler, resolve_export
 from ldm_users.runtime import is_multirun, output_dir, override_dirname, task_overrides
 from ldm_users.tracking import make_tracker
@@ -60,6 +61,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     try:
         metrics = evaluate_export(cfg, export, out_dir)
         log_to_tracker(tracker, metrics, prefix="eval/")
+        if trained_run_dir(export) is not None and not is_multirun():  # the run's own export: its card shows the scores
+            write_model_card(export, metrics)
         exit_code = 0
     finally:
         tracker.finish(exit_code)

@@ -35,6 +35,7 @@ from ldm_users.evaluation.classifier import TrainedClassifier, load_or_train, re
 from ldm_users.evaluation.inception import load_inception, weights_key
 from ldm_users.grid import make_grid, to_uint8
 from ldm_users.inference.device import move_pipeline, resolve_device_dtype
+from ldm_users.inference.export import write_model_card
 from ldm_users.inference.loading import load_pipeline
 from ldm_users.inference.samplers import call_kwargs
 from ldm_users.io import atomic_path, write_json
@@ -355,4 +356,5 @@ def evaluate_after_training(cfg: DictConfig, export, run_dir, dataset: PreparedD
         tracker.set_summary({"eval/error": str(err)})
         return None
     log_to_tracker(tracker, metrics, prefix="eval/")
+    write_model_card(export, metrics)  # the export's card shows what it scored
     return metrics

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldm_users.errors import ConfigError
 from ldm_users.inference.export import TRAINING_CONFIG_FILE
 from ldm_users.tracking import METRICS_FILE, read_metrics
 
@@ -50,6 +51,19 @@ def _overridden(overrides: list[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=")[0].split(".")[0] == key for o in overrides)
 
 
+# The dataset generators ldm-eval may run: a `data.generate._target_` read from an export is code the export names,
+# and an export is a file anyone can hand you.
+TRUSTED_GENERATORS = ("ldm_users.data.",)
+
+
+def _refuse_foreign_generator(cfg: DictConfig, export: Path) -> None:
+    target = OmegaConf.select(cfg, "data.generate._target_", default=None)
+    if target is not None and not str(target).startswith(TRUSTED_GENERATORS):
+        raise ConfigError(f"{export}: its training config names data.generate._target_={target}, which is not one of "
+                          f"ldm-users' dataset generators; ldm-eval will not run it. Evaluate it with your own data "
+                          f"settings (data=folder data.data_dir=...).")
+
+
 def adopt_trained_settings(cfg: DictConfig, export: Path, overrides: list[str]) -> DictConfig | None:
     """Take the trained run's data (unless the command line sets data) and the settings that describe the model
     into `cfg`, so the evaluation is judged on the right data and named, tagged and reported by what was trained."""
@@ -68,6 +82,7 @@ def adopt_trained_settings(cfg: DictConfig, export: Path, overrides: list[str]) 
                 # defaults.
                 value = OmegaConf.merge(current, value)
             cfg[key] = value  # interpolations (paths.cache_dir ...) resolve against this config
+    _refuse_foreign_generator(cfg, export)
     log.info("eval: settings of the trained run (model=%s, data=%s)", OmegaConf.select(cfg, "model.name"),
              OmegaConf.select(cfg, "data.name"))
     return trained
