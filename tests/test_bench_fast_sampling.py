@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.helpers import compose
-from hydra.utils import instantiate
 
 from ldm_users.inference.fast_sampling import FastGuidance, GraphedGuidance, resolve_mode, use_fast_sampling
 
@@ -23,17 +22,18 @@ def cpu_capture(calls):
 
 def tiny_pipeline(model="unet_tiny"):
     from ldm_users.inference.export import make_pipeline
-    from ldm_users.inference.samplers import make_scheduler
-    from ldm_users.models.build import build_denoiser, build_vae
+    from ldm_users.inference.samplers import make_scheduler, training_noise_scheduler
+    from ldm_users.models.build import build_denoiser, build_vae, latent_shape
 
     cfg = compose("experiment=smoke", f"model={model}")
     torch.manual_seed(0)
     users = [f"u{i}" for i in range(int(cfg.data.num_users))]
-    scheduler = make_scheduler(cfg.sampler, instantiate(cfg.noise_scheduler).config)
-    return make_pipeline(build_vae(cfg).eval(), build_denoiser(cfg, users).eval(), scheduler, users)
+    scheduler = make_scheduler(cfg.sampler, training_noise_scheduler(cfg).config)
+    return make_pipeline(build_vae(cfg).eval(), build_denoiser(cfg, users).eval(), scheduler, users,
+                         latent_shape(cfg)[-1])
 
 
-@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
+@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny", "flux_tiny"])
 def test_graphed_guidance_gives_the_eager_images(model):
     pipe = tiny_pipeline(model)
     kwargs = {"users": [0, 1, 2], "num_inference_steps": 4, "guidance_scale": 3.0, "output_type": "pt",

@@ -29,6 +29,7 @@ EXPECTED = {
     "unet_light": (34_966_724, 8_704),
     "unet_sd": (859_520_964, 26_112),
     "dit": (138_497_296, 0),
+    "flux": (138_384_656, 125_952),  # 32 rows x (4 tokens + pooled) x 768 + two LayerNorms
 }
 VAE_KL_128 = 42_928_871
 
@@ -38,7 +39,7 @@ def test_exact_parameter_counts(model):
     counts = parameter_counts(compose(f"model={model}"))
     denoiser, encoder = EXPECTED[model]
     assert counts == {"vae": VAE_KL_128, "denoiser": denoiser, "user_encoder": encoder}
-    issue_table = {"unet_medium": 139.7, "unet_light": 35.0, "unet_sd": 859.5, "dit": 138.5}
+    issue_table = {"unet_medium": 139.7, "unet_light": 35.0, "unet_sd": 859.5, "dit": 138.5, "flux": 138.5}
     assert round((denoiser + encoder) / 1e6, 1) == issue_table[model]
 
 

@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm_users.errors import ConfigError
 from ldm_users.inference.export import export_pipeline, make_pipeline, write_model_card
 from ldm_users.inference.loading import adopt_run_sampler, load_pipeline
-from ldm_users.inference.samplers import make_scheduler
-from ldm_users.models.build import build_denoiser, build_vae
+from ldm_users.inference.samplers import make_scheduler, training_noise_scheduler
+from ldm_users.models.build import build_denoiser, build_vae, latent_shape
 from ldm_users.pipeline import UserLDMPipeline
 from tests.helpers import REPO, compose
 
@@ -34,15 +33,15 @@ CALL = {"users": ["user_00", "user_01"], "num_inference_steps": 3, "guidance_sca
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Random-weight tiny UNet and DiT pipelines, exported (with a sample grid) as ldm-train exports them."""
+    """Random-weight tiny UNet, DiT and Flux pipelines, exported (with a sample grid) as ldm-train exports them."""
     out = {}
-    for model in ("unet_tiny", "dit_tiny"):
+    for model in ("unet_tiny", "dit_tiny", "flux_tiny"):
         cfg = compose("experiment=smoke", f"model={model}")
         torch.manual_seed(0)
         users = [f"user_{i:02d}" for i in range(int(cfg.data.num_users))]
-        noise = instantiate(cfg.noise_scheduler).config
+        noise = training_noise_scheduler(cfg).config
         pipe = make_pipeline(build_vae(cfg).eval(), build_denoiser(cfg, users).eval(),
-                             make_scheduler(cfg.sampler, noise), users)
+                             make_scheduler(cfg.sampler, noise), users, latent_shape(cfg)[-1])
         folder = tmp_path_factory.mktemp(model)
         grid = folder / "grid.png"
         Image.new("RGB", (64, 32), "red").save(grid)
@@ -85,20 +84,23 @@ def test_diffusers_alone_loads_the_export_and_makes_the_same_images(exports, tmp
     script = f"""
 import sys, numpy as np, torch
 from diffusers import DiffusionPipeline
-for name, folder in zip(["unet", "dit"], sys.argv[1:]):
+for name, folder in zip(["unet", "dit", "flux"], sys.argv[1:]):
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     images = pipe(generator=torch.Generator().manual_seed(0), **{CALL!r}).images
     np.save(f"{{name}}.npy", images)
 """
-    out = run_without_ldm_users(script, tmp_path, tmp_path, str(exports["unet_tiny"]), str(exports["dit_tiny"]))
+    out = run_without_ldm_users(script, tmp_path, tmp_path, *(str(exports[m]) for m in ("unet_tiny", "dit_tiny",
+                                                                                       "flux_tiny")))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Expected types" not in out.stderr  # diffusers' component type check is satisfied
-    for name, folder in (("unet", exports["unet_tiny"]), ("dit", exports["dit_tiny"])):
+    for name, folder in (("unet", exports["unet_tiny"]), ("dit", exports["dit_tiny"]), ("flux", exports["flux_tiny"])):
         remote = np.load(tmp_path / f"{name}.npy")
         ours = UserLDMPipeline.from_pretrained(folder)(generator=torch.Generator().manual_seed(0), **CALL).images
         np.testing.assert_array_equal(remote, ours)  # the shipped code is the pipeline, to the bit
-    unet = np.load(tmp_path / "unet.npy")
-    assert np.abs(unet[0] - unet[1]).max() > 0.05  # two users, two different images
+    for name in ("unet", "flux"):
+        images = np.load(tmp_path / f"{name}.npy")
+        assert np.abs(images[0] - images[1]).max() > 0.05, name  # two users, two different images
+    assert (exports["flux_tiny"] / "flux.py").exists()  # denoiser.py's sibling travels with it
 
 
 def test_the_model_cards_snippet_runs_as_written(exports, tmp_path):

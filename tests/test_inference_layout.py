@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ldm_users"
-SHIPPED = ("condition.py", "denoiser.py", "pipeline_user_ldm.py")
+SHIPPED = ("condition.py", "denoiser.py", "flux.py", "pipeline_user_ldm.py")
 
 
 def _module_name(path: Path) -> str:

@@ -8,7 +8,7 @@ from ldm_users.pipeline import UserConditionEncoder
 from tests.helpers import compose
 
 
-@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
+@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny", "flux_tiny"])
 def test_conditioned_forward(model):
     cfg = compose("experiment=smoke", f"model={model}")
     torch.manual_seed(0)
@@ -17,7 +17,7 @@ def test_conditioned_forward(model):
         for p in den.parameters():
             torch.nn.init.normal_(p, std=0.05)
     latents = torch.randn(3, 4, 8, 8)
-    t = torch.tensor([10, 500, 999])
+    t = torch.tensor([10.0, 500.0, 999.0])
     out_a = den(latents, t, torch.tensor([0, 1, 2]))
     out_b = den(latents, t, torch.tensor([3, 3, 3]))
     null = den(latents, t, torch.full((3,), den.null_id))
@@ -25,6 +25,20 @@ def test_conditioned_forward(model):
     assert den.null_id == 4
     assert (out_a - out_b).abs().amax() > 1e-4  # the user changes the prediction
     assert (out_a - null).abs().amax() > 1e-4
+
+
+@pytest.mark.parametrize("inject", ["cross_attention", "time", "both"])
+def test_unet_inject_puts_the_user_in_the_time_embedding(inject, monkeypatch):
+    """model.condition.inject=time|both: different users give different outputs even when cross-attention gets the
+    same (zeroed) context for everyone; with cross_attention only, they then give the same output."""
+    cfg = compose("experiment=smoke", "model=unet_tiny", f"model.condition.inject={inject}")
+    torch.manual_seed(0)
+    den = build_denoiser(cfg, [f"u{i}" for i in range(4)]).eval()
+    assert (den.backbone.config.class_embed_type == "projection") == (inject != "cross_attention")
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    monkeypatch.setattr(den.condition, "forward", lambda ids: torch.zeros(len(ids), 1, 32))
+    diff = (den(latents, t, torch.tensor([0, 1])) - den(latents, t, torch.tensor([2, 3]))).abs().amax()
+    assert (diff > 1e-4) == (inject != "cross_attention")
 
 
 def test_dit_label_dropout_is_ours_not_diffusers():

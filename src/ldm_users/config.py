@@ -67,8 +67,14 @@ def old_style_run_dir(run_dir: Path) -> Path | None:
     return old if old != Path(run_dir) and old.is_dir() else None
 
 
+def _packed_channels(latent_channels) -> int:
+    # Flux packs each 2x2 patch of latents into one token: 4 latent channels -> 16 features per token.
+    return int(latent_channels) * 4
+
+
 def register_resolvers() -> None:
-    for name, fn in (("ldm_latent_size", _latent_size), ("ldm_run_name", run_dir_name)):
+    for name, fn in (("ldm_latent_size", _latent_size), ("ldm_packed_channels", _packed_channels),
+                     ("ldm_run_name", run_dir_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

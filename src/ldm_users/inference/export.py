@@ -29,12 +29,15 @@ from ldm_users.pipeline import UserDenoiser, UserLDMPipeline, kind_of
 TRAINING_CONFIG_FILE = "training_config.yaml"
 
 
-def make_pipeline(vae, denoiser: UserDenoiser, scheduler, users: list[str]) -> UserLDMPipeline:
+def make_pipeline(vae, denoiser: UserDenoiser, scheduler, users: list[str],
+                  latent_size: int | None = None) -> UserLDMPipeline:
     """A pipeline sharing the given modules (no copies): a UNet goes in the `unet` slot with its user encoder,
-    transformers in the `transformer` slot."""
+    transformers in the `transformer` slot. Flux's latent size goes in the pipeline's config (its own has none)."""
+    if denoiser.kind == "flux" and latent_size is None:
+        raise ValueError("a Flux pipeline needs the latent size it samples at (make_pipeline's latent_size).")
     slot = "unet" if denoiser.kind == "unet" else "transformer"
     return UserLDMPipeline(vae=vae, scheduler=scheduler, user_encoder=denoiser.condition, user_names=users,
-                           **{slot: denoiser.backbone})
+                           sample_size=latent_size if denoiser.kind == "flux" else None, **{slot: denoiser.backbone})
 
 
 def _copy_module(source: Path, folder: Path) -> str:

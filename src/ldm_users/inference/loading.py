@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import ConfigError
 from ldm_users.inference.export import TRAINING_CONFIG_FILE, make_pipeline
-from ldm_users.inference.samplers import adopt_recorded_sampler, make_scheduler, noise_scheduler, use_sampler
+from ldm_users.inference.samplers import adopt_recorded_sampler, make_scheduler, training_noise_scheduler, use_sampler
 from ldm_users.io import read_tensors
-from ldm_users.models.build import build_denoiser
+from ldm_users.models.build import build_denoiser, latent_shape
 from ldm_users.pipeline import UserLDMPipeline
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def recorded_sampling(model_path) -> tuple[DictConfig | None, dict | None]:
     sampler = cfg.get("sampler")
     # Runs from before the sampler group used `_target_` record `scheduler: ddim`: not reusable, skipped.
     usable = sampler is not None and isinstance(sampler.get("scheduler"), DictConfig)
-    return (sampler if usable else None), dict(noise_scheduler(cfg.noise_scheduler).config)
+    return (sampler if usable else None), dict(training_noise_scheduler(cfg).config)
 
 
 def _load_checkpoint_pipeline(checkpoint: Path, use_ema: bool) -> UserLDMPipeline:
@@ -80,8 +80,8 @@ def _load_checkpoint_pipeline(checkpoint: Path, use_ema: bool) -> UserLDMPipelin
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
     sampler, noise_config = recorded_sampling(checkpoint)
     # The run's sampler when it is recorded in today's form, else the training scheduler itself.
-    scheduler = make_scheduler(sampler, noise_config) if sampler is not None else noise_scheduler(cfg.noise_scheduler)
-    return make_pipeline(load_frozen_vae(vae_dir, "cpu"), denoiser.eval(), scheduler, users)
+    scheduler = make_scheduler(sampler, noise_config) if sampler is not None else training_noise_scheduler(cfg)
+    return make_pipeline(load_frozen_vae(vae_dir, "cpu"), denoiser.eval(), scheduler, users, latent_shape(cfg)[-1])
 
 
 def load_pipeline(model_path, use_ema: bool = True, sampler: DictConfig | None = None) -> UserLDMPipeline:

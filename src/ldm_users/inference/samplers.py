@@ -39,6 +39,16 @@ def noise_scheduler(node: DictConfig):
     return scheduler_class(str(node.get("_target_")), "noise_scheduler._target_")(**_settings(node))
 
 
+def training_noise_scheduler(cfg: DictConfig):
+    """The training noise schedule of a run's `train.objective`: `noise_scheduler` (DDPM) for diffusion; for
+    flow_matching a FlowMatchEulerDiscreteScheduler over the same number of timesteps, shifted by
+    `train.flow.shift`. Its config is what the sampler is built from and what an export records."""
+    if str(OmegaConf.select(cfg, "train.objective", default="diffusion")) == "flow_matching":
+        return diffusers.FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=int(cfg.noise_scheduler.num_train_timesteps), shift=float(cfg.train.flow.shift))
+    return noise_scheduler(cfg.noise_scheduler)
+
+
 def make_scheduler(sampler_cfg: DictConfig, noise_scheduler_config):
     """The sampler's scheduler over the training noise schedule (`noise_scheduler_config`: a scheduler's config), as
     `<Scheduler>.from_config(noise_scheduler_config, **sampler.scheduler)`."""
@@ -48,7 +58,19 @@ def make_scheduler(sampler_cfg: DictConfig, noise_scheduler_config):
                           f"(conf/sampler/: ddim, ddpm, ...), or give sampler.scheduler._target_="
                           f"diffusers.<Scheduler>.from_config.")
     cls = scheduler_class(str(node._target_), "sampler.scheduler._target_")
-    return cls.from_config(dict(noise_scheduler_config), **_settings(node))
+    scheduler = cls.from_config(dict(noise_scheduler_config), **_settings(node))
+    trained_flow = is_flow_matching(noise_scheduler_config)
+    if trained_flow != is_flow_matching(scheduler.config):
+        raise ConfigError(f"sampler.scheduler={node._target_} cannot sample a model trained with "
+                          f"{'flow matching' if trained_flow else 'diffusion'}: use "
+                          f"{'sampler=flow_euler' if trained_flow else 'sampler=ddim (or another diffusion sampler)'}.")
+    return scheduler
+
+
+def is_flow_matching(scheduler_config) -> bool:
+    """A flow-matching scheduler's config (FlowMatchEulerDiscreteScheduler's family: it steps along a velocity; the
+    others along a noise or v prediction, over betas). A model trained with one cannot be sampled by the other."""
+    return "use_dynamic_shifting" in scheduler_config and "beta_schedule" not in scheduler_config
 
 
 def use_sampler(pipe, sampler_cfg: DictConfig, noise_scheduler_config) -> None:

@@ -20,7 +20,7 @@ from ldm_users.perf.live_memory import PeakMemory
 from ldm_users.perf.memory_model import GIB, latent_shape, placeholder_users, random_latents
 from ldm_users.perf.timing import median, time_calls
 from ldm_users.training.common import make_accelerator
-from ldm_users.training.objectives import make_noise_scheduler
+from ldm_users.training.objectives import build_objective, make_noise_scheduler
 from ldm_users.training.trainer import build_ldm_trainer, reset_accelerator_state
 
 SD_LATENT_SCALE = 0.18215  # a realistic latent magnitude for random latents
@@ -45,7 +45,8 @@ def reference_trainer(cfg: DictConfig, device: torch.device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr), betas=(tcfg.adam_beta1, tcfg.adam_beta2),
                                   weight_decay=float(tcfg.weight_decay))
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    sched = make_noise_scheduler(cfg, device)
+    # The same training target as ours (DDPM add_noise, or flow matching for flux, as diffusers' scripts for each).
+    objective = build_objective(cfg, make_noise_scheduler(cfg, device))
     res = int(cfg.data.resolution)
     g = torch.Generator(device).manual_seed(0)
     images = torch.rand(batch, 3, res, res, device=device, generator=g) * 2 - 1  # stands in for the dataloader
@@ -56,11 +57,11 @@ def reference_trainer(cfg: DictConfig, device: torch.device):
         with torch.no_grad():
             latents = vae.encode(images.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=device)
-        noisy = sched.add_noise(latents, noise, t)
+        t = objective.sample_timesteps(batch, device)
+        noisy = objective.noisy(latents, noise, t)
         with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
             pred = model(noisy, t, labels)
-        loss = F.mse_loss(pred.float(), noise.float())
+        loss = F.mse_loss(pred.float(), objective.target(latents, noise, t).float())
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.max_grad_norm or 1.0))
@@ -106,7 +107,7 @@ def sampling_pipeline(cfg: DictConfig, device: torch.device):
     vae = build_vae(cfg).eval()
     denoiser = build_denoiser(cfg, users).eval()
     scheduler = make_scheduler(cfg.sampler, make_noise_scheduler(cfg, "cpu").config)
-    pipe = make_pipeline(vae, denoiser, scheduler, users)
+    pipe = make_pipeline(vae, denoiser, scheduler, users, latent_shape(cfg)[-1])
     return move_pipeline(pipe, device, dtype), dtype
 
 

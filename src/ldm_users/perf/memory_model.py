@@ -26,7 +26,7 @@ from omegaconf import DictConfig, open_dict
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ldm_users.errors import ConfigError
-from ldm_users.models.build import build_denoiser, build_vae, model_kind
+from ldm_users.models.build import build_denoiser, build_vae, latent_shape, model_kind
 from ldm_users.perf.live_memory import PeakMemory
 from ldm_users.training.latent_cache import LatentCache
 from ldm_users.training.trainer import build_ldm_trainer, reset_accelerator_state
@@ -96,11 +96,6 @@ def parameter_counts(cfg: DictConfig) -> dict[str, int]:
         model = build_denoiser(cfg)
     count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
     return {"vae": count(vae), "denoiser": count(model.backbone), "user_encoder": count(model.condition)}
-
-
-def latent_shape(cfg: DictConfig) -> tuple[int, int, int]:
-    den = cfg.model.denoiser
-    return int(den.in_channels), int(den.sample_size), int(den.sample_size)
 
 
 def latent_cache_bytes(cfg: DictConfig) -> int | None:

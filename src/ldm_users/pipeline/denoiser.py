@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .condition import UserConditionEncoder
+from .flux import flux_forward
 
 # Backbone class name -> how it takes the users. Subclasses of these classes get their base's kind.
 KINDS = {"UNet2DConditionModel": "unet", "DiTTransformer2DModel": "dit", "FluxTransformer2DModel": "flux"}
@@ -40,15 +41,20 @@ def disable_internal_label_dropout(backbone: nn.Module) -> None:
 
 
 class UserDenoiser(nn.Module):
-    """A UNet2DConditionModel + UserConditionEncoder (users through cross-attention), or a DiTTransformer2DModel
-    with users as its class labels. `kind` says which."""
+    """A UNet2DConditionModel or FluxTransformer2DModel + UserConditionEncoder, or a DiTTransformer2DModel with users
+    as its class labels. `kind` says which.
+
+    UNet: the user's tokens are the cross-attention context; built with class_embed_type="projection"
+    (model.condition.inject=time|both) it also adds the pooled user vector to its timestep embedding.
+    Flux: the tokens take the place of its text tokens, the pooled vector that of its pooled text embedding (flux.py).
+    """
 
     def __init__(self, backbone: nn.Module, condition: UserConditionEncoder | None = None):
         super().__init__()
         self.kind = kind_of(backbone)
-        if (self.kind == "unet") != (condition is not None):
+        if (self.kind == "dit") == (condition is not None):
             raise ValueError(f"a {type(backbone).__name__} backbone takes "
-                             f"{'a' if self.kind == 'unet' else 'no'} user condition encoder.")
+                             f"{'no' if self.kind == 'dit' else 'a'} user condition encoder.")
         self.backbone = backbone
         self.condition = condition
         if self.kind == "dit":
@@ -57,9 +63,9 @@ class UserDenoiser(nn.Module):
     @property
     def null_id(self) -> int:
         """Index of the unconditional (null) user: the extra row of the user table."""
-        if self.kind == "unet":
-            return self.condition.null_id
-        return self.backbone.config.num_embeds_ada_norm  # DiT: the label table's extra CFG row
+        if self.kind == "dit":
+            return self.backbone.config.num_embeds_ada_norm  # DiT: the label table's extra CFG row
+        return self.condition.null_id
 
     @property
     def num_users(self) -> int:
@@ -68,7 +74,11 @@ class UserDenoiser(nn.Module):
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, user_ids: torch.Tensor) -> torch.Tensor:
         if self.kind == "dit":
             return self.backbone(latents, timestep=timesteps, class_labels=user_ids, return_dict=False)[0]
-        if self.kind == "unet":
-            context = self.condition(user_ids).to(latents.dtype)
-            return self.backbone(latents, timesteps, encoder_hidden_states=context, return_dict=False)[0]
-        raise NotImplementedError(f"denoising with a {self.kind} backbone is not wired yet (issue 14).")
+        tokens = self.condition(user_ids).to(latents.dtype)
+        if self.kind == "flux":
+            return flux_forward(self.backbone, latents, timesteps, tokens, self.condition.pooled(user_ids))
+        time_users = None
+        if self.backbone.config.class_embed_type == "projection":
+            time_users = self.condition.pooled(user_ids).to(latents.dtype)
+        return self.backbone(latents, timesteps, encoder_hidden_states=tokens, class_labels=time_users,
+                             return_dict=False)[0]

@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .condition import UserConditionEncoder
 from .denoiser import UserDenoiser
+from .flux import resolution_shift
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -49,8 +50,24 @@ def guided(denoiser: UserDenoiser, model_input, timesteps, ids, guidance_scale: 
     return prediction
 
 
+def set_timesteps(scheduler, num_inference_steps: int, device, latent_size: int) -> None:
+    """The scheduler's timesteps for this many steps. Flow-matching schedulers get FluxPipeline's evenly spaced
+    sigmas 1 .. 1/N and, with use_dynamic_shifting, its resolution shift mu for (latent_size/2)^2 image tokens."""
+    if not type(scheduler).__name__.startswith("FlowMatch"):
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return
+    config = scheduler.config
+    mu = None
+    if config.get("use_dynamic_shifting"):
+        mu = resolution_shift((latent_size // 2) ** 2, config.get("base_image_seq_len", 256),
+                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                              config.get("max_shift", 1.15))
+    sigmas = [1 - i / num_inference_steps for i in range(num_inference_steps)]  # np.linspace(1, 1/N, N)
+    scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+
+
 class UserLDMPipeline(DiffusionPipeline):
-    """VAE + (UNet with a UserConditionEncoder | DiT with users as class labels) + a scheduler.
+    """VAE + (UNet or Flux with a UserConditionEncoder | DiT with users as class labels) + a scheduler.
 
     Exactly one of `unet` / `transformer` is set. `user_names[i]` is the name of user index i.
     Classifier-free guidance runs the conditional and null-user branches in one batched forward.
@@ -62,7 +79,7 @@ class UserLDMPipeline(DiffusionPipeline):
     # user_encoder/condition.py, a different class object from the one this module imported, and diffusers' type
     # check would warn about a correct pipeline.
     def __init__(self, vae: AutoencoderKL, scheduler: SchedulerMixin, unet=None, transformer=None, user_encoder=None,
-                 user_names: list[str] | None = None):
+                 user_names: list[str] | None = None, sample_size: int | None = None):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("UserLDMPipeline needs exactly one of `unet` or `transformer`.")
@@ -70,7 +87,10 @@ class UserLDMPipeline(DiffusionPipeline):
             raise ValueError("a UNet pipeline needs its `user_encoder`.")
         self.register_modules(vae=vae, scheduler=scheduler, unet=unet, transformer=transformer,
                               user_encoder=user_encoder)
-        self.register_to_config(user_names=list(user_names) if user_names is not None else None)
+        # Flux's config has no input size (it takes any number of tokens): the latent size it was trained at
+        # travels here. UNet and DiT keep theirs in their own config (sample_size).
+        self.register_to_config(user_names=list(user_names) if user_names is not None else None,
+                                sample_size=sample_size)
 
     # -- users -------------------------------------------------------------------------------------------
     @property
@@ -120,7 +140,8 @@ class UserLDMPipeline(DiffusionPipeline):
     def predict_noise(self, denoiser: UserDenoiser, latents, t, ids, guidance_scale: float,
                       guidance_rescale: float = 0.0):
         """One denoiser call; with guidance the conditional and null branches share one batched forward."""
-        model_input = self.scheduler.scale_model_input(latents, t)
+        scale = getattr(self.scheduler, "scale_model_input", None)  # flow-matching schedulers have none
+        model_input = scale(latents, t) if scale is not None else latents
         # Broadcast the scheduler's own timestep tensor (int(t) would sync the GPU at every step), in its own dtype:
         # Euler-type schedulers step through fractional timesteps.
         t = t if torch.is_tensor(t) else torch.tensor(t)
@@ -145,8 +166,8 @@ class UserLDMPipeline(DiffusionPipeline):
         device = self._execution_device
         dtype = next(backbone.parameters()).dtype
         ids = torch.tensor([i for i in self.user_ids(users) for _ in range(num_images_per_user)], device=device)
-        size = backbone.config.sample_size
-        shape = (len(ids), backbone.config.in_channels, size, size)
+        size = self.config.get("sample_size") or backbone.config.sample_size
+        shape = (len(ids), self.vae.config.latent_channels, size, size)
         # All starting noise is drawn at once, so images do not depend on batch_size.
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -160,8 +181,8 @@ class UserLDMPipeline(DiffusionPipeline):
             for start in chunks:
                 # Reset per chunk: multistep schedulers keep state between steps. The initial sigma (Euler-type
                 # schedulers) depends on the timesteps just set.
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                x = latents[start:start + batch_size].float() * self.scheduler.init_noise_sigma
+                set_timesteps(self.scheduler, num_inference_steps, device, size)
+                x = latents[start:start + batch_size].float() * getattr(self.scheduler, "init_noise_sigma", 1.0)
                 chunk_ids = ids[start:start + batch_size]
                 for t in self.scheduler.timesteps:
                     prediction = self.predict_noise(denoiser, x.to(dtype), t, chunk_ids, guidance_scale,
@@ -210,7 +231,7 @@ class UserLDMPipeline(DiffusionPipeline):
             else:
                 parts[name] = component.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype,
                                                         use_safetensors=True)
-        return cls(**parts, user_names=index.get("user_names"))
+        return cls(**parts, user_names=index.get("user_names"), sample_size=index.get("sample_size"))
 
     @staticmethod
     def _component_class(name: str, class_name: str) -> type:

@@ -91,7 +91,9 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     steps = total_steps(tcfg, len(dataset), global_batch(cfg, accelerator))
     trainer = build_ldm_trainer(cfg, accelerator, dataset.users, cache, float(vae.config.scaling_factor), steps)
     scheduler = make_scheduler(cfg.sampler, trainer.noise_scheduler.config)  # grids and export sample with it
-    hooks = LdmHooks(cfg, trainer, lambda: make_pipeline(vae, trainer.unwrapped, scheduler, dataset.users),
+    latent_size = cache.mean.shape[-1]
+    hooks = LdmHooks(cfg, trainer,
+                     lambda: make_pipeline(vae, trainer.unwrapped, scheduler, dataset.users, latent_size),
                      dataset.users, stage_dir, tracker)
     stage = Stage(name="ldm", label="LDM", keys=tcfg, keys_name="train", stage_dir=stage_dir, total_steps=steps,
                   batch=int(cfg.hardware.batch_size), step=trainer.step, lr_scheduler=trainer.lr_scheduler,
