@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ldm_users.errors import ConfigError
 from ldm_users.models.build import build_denoiser, build_vae, latent_shape, model_kind
 from ldm_users.perf.live_memory import PeakMemory
-from ldm_users.training.latent_cache import LatentCache
+from ldm_users.training.latent_cache import Augment, LatentCache
 from ldm_users.training.trainer import build_ldm_trainer, reset_accelerator_state
 
 GIB = 2**30
@@ -99,10 +99,11 @@ def parameter_counts(cfg: DictConfig) -> dict[str, int]:
 
 
 def latent_cache_bytes(cfg: DictConfig) -> int | None:
-    """Bytes of the latent cache (mean + std + labels) when the dataset size is known from the config."""
+    """Bytes of the latent cache (mean + std + labels, for every augmented variant) when the dataset size is known
+    from the config."""
     if cfg.data.name != "synthetic":
         return None
-    n = int(cfg.data.num_users) * int(cfg.data.images_per_user)
+    n = int(cfg.data.num_users) * int(cfg.data.images_per_user) * len(Augment.from_cfg(cfg).variants)
     c, h, w = latent_shape(cfg)
     return n * c * h * w * 4 * 2 + n * 8
 

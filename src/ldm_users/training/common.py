@@ -58,14 +58,16 @@ def total_steps(train_cfg: DictConfig, num_samples: int, samples_per_step: int) 
 
 
 class DataOrder:
-    """Which dataset indices each micro-batch takes, as a pure function of the step.
+    """Which rows of the data each micro-batch takes, as a pure function of the step.
 
-    Each epoch is a permutation seeded by (seed, epoch); the sample stream is the concatenation of
-    epochs. Because position = f(step), resuming at a step continues the exact same stream.
+    Each epoch is a permutation of the n images seeded by (seed, epoch); the sample stream is the concatenation
+    of epochs. Because position = f(step), resuming at a step continues the exact same stream. With variants > 1
+    (an augmented latent cache: row v * n + i is variant v of image i), every epoch also draws one variant per
+    image, from its own generator seeded by (seed, epoch) too.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = num_samples, seed, shuffle
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, variants: int = 1):
+        self.n, self.seed, self.shuffle, self.variants = num_samples, seed, shuffle, variants
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -73,7 +75,11 @@ class DataOrder:
             if len(self._perms) > 4:
                 self._perms.clear()
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+            perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+            if self.variants > 1:
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7_919 + 1)
+                perm = torch.randint(0, self.variants, (self.n,), generator=g) * self.n + perm
+            self._perms[epoch] = perm
         return self._perms[epoch]
 
     def indices(self, position: int, count: int) -> torch.Tensor:

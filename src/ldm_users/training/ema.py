@@ -18,14 +18,14 @@ log = logging.getLogger(__name__)
 
 
 def make_ema(ema_cfg: DictConfig, module: torch.nn.Module, device) -> EMAModel | None:
-    """diffusers' EMAModel from `train.ema` (None when disabled), kept on the device. With `warmup` the decay
-    ramps up as 1 - (1 + step / inv_gamma) ** -power (capped at `decay`), so that early in a short run the
-    average follows the weights instead of holding on to the random initialisation."""
+    """diffusers' EMAModel from `train.ema` (None when disabled), kept on the device. With `warmup` (the "power
+    EMA") the decay at update k after `update_after_step` is min(decay, 1 - (1 + k / inv_gamma) ** -power), so
+    early in a short run the average follows the weights instead of holding on to the random initialisation."""
     if not ema_cfg.enabled:
         return None
     ema = EMAModel(module.parameters(), decay=float(ema_cfg.decay), use_ema_warmup=bool(ema_cfg.warmup),
-                   power=float(ema_cfg.get("power", 2 / 3)), inv_gamma=float(ema_cfg.get("inv_gamma", 1.0)),
-                   update_after_step=int(ema_cfg.get("update_after_step", 0)),
+                   power=float(ema_cfg.power), inv_gamma=float(ema_cfg.inv_gamma),
+                   update_after_step=int(ema_cfg.update_after_step),
                    foreach=True)  # a few fused kernels per step, not two per parameter
     ema.to(device)
     return ema

@@ -48,7 +48,8 @@ def load_latents(cfg: DictConfig, vae, dataset: PreparedDataset, accelerator) ->
     """The dataset's latent posteriors (encoded once, cached on disk); on the GPU when they fit (16 KB per
     32x32x4 image: a small share of the memory budget)."""
     is_main = accelerator.is_main_process
-    cache = latent_cache.load_or_encode(vae, dataset, cfg.paths.cache_dir, accelerator.device, show_progress=is_main)
+    cache = latent_cache.load_or_encode(vae, dataset, cfg.paths.cache_dir, accelerator.device, show_progress=is_main,
+                                        augment=latent_cache.Augment.from_cfg(cfg))
     if accelerator.device.type == "cuda" and cache.nbytes() < 0.2 * float(cfg.hardware.memory_gb) * 2**30:
         cache = cache.to(accelerator.device)
     return cache

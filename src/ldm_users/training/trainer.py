@@ -76,7 +76,7 @@ def build_ldm_trainer(cfg: DictConfig, accelerator, users: list[str], cache: Lat
     if compile_model is None:
         compile_model = bool(hw.get("compile")) and device.type == "cuda"
     forward = torch.compile(model) if compile_model else model
-    order = DataOrder(len(cache.labels), int(cfg.seed))
+    order = DataOrder(cache.num_images, int(cfg.seed), variants=cache.variants)
     settings = step_settings(cfg, unwrapped.null_id, latent_scale, channels_last)
     step = LdmTrainStep(accelerator, model, optimizer, lr_scheduler, order, settings, cache,
                         build_objective(cfg, noise_scheduler), ema=ema, forward=forward)
