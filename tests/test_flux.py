@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ldm_users.compat import check_compatibility
+from ldm_users.errors import ConfigError
 from ldm_users.models.build import build_denoiser
 from ldm_users.pipeline.flux import image_ids, pack_latents, resolution_shift, unpack_latents
 from tests.helpers import compose, hydra_job
@@ -82,6 +83,25 @@ def test_model_flux_trains_by_flow_matching_and_samples_with_flow_euler():
 def test_flux_config_mistakes_name_the_fix(override, key):
     problems = check_compatibility(compose("experiment=smoke", "model=flux_tiny", override))
     assert any(key in p for p in problems), problems
+
+
+def test_evaluation_knows_the_image_size_of_a_flux_pipeline():
+    from types import SimpleNamespace
+
+    from ldm_users.evaluation.evaluate import check_matches
+    from ldm_users.inference.export import make_pipeline
+    from ldm_users.models.build import build_vae
+
+    cfg = compose("experiment=smoke", "model=flux_tiny")
+    den = flux_denoiser()
+    users = [f"u{i}" for i in range(4)]
+    with pytest.raises(ValueError, match="latent size"):
+        make_pipeline(build_vae(cfg), den, None, users)
+    pipe = make_pipeline(build_vae(cfg), den, None, users, latent_size=8)
+    assert pipe.latent_size == 8
+    check_matches(pipe, SimpleNamespace(users=users, resolution=32))
+    with pytest.raises(ConfigError, match="data.resolution=32"):
+        check_matches(pipe, SimpleNamespace(users=users, resolution=64))
 
 
 class ExactVelocity(torch.nn.Module):

@@ -67,8 +67,7 @@ def check_matches(pipe, dataset: PreparedDataset) -> None:
                           f"{dataset.num_users} ({', '.join(dataset.users[:4])}...) at data.root={dataset.folder}: "
                           f"pass the data settings the model was trained with (e.g. data.num_users=..., "
                           f"data.images_per_user=..., data.resolution=..., or data=folder data.data_dir=...).")
-    backbone = pipe.denoiser.backbone
-    size = int(backbone.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = pipe.latent_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if size != dataset.resolution:
         raise ConfigError(f"the model generates {size}px images but data.resolution={dataset.resolution}: "
                           f"set data.resolution={size} (the resolution it was trained at).")

@@ -98,6 +98,12 @@ class UserLDMPipeline(DiffusionPipeline):
         return UserDenoiser(self.unet if self.unet is not None else self.transformer, self.user_encoder)
 
     @property
+    def latent_size(self) -> int:
+        """Height (= width) of the latents it samples: Flux's from the pipeline config, the others' from theirs."""
+        backbone = self.unet if self.unet is not None else self.transformer
+        return int(self.config.get("sample_size") or backbone.config.sample_size)
+
+    @property
     def user_names(self) -> list[str]:
         names = self.config.user_names
         return list(names) if names else [str(i) for i in range(self.denoiser.num_users)]
@@ -166,7 +172,7 @@ class UserLDMPipeline(DiffusionPipeline):
         device = self._execution_device
         dtype = next(backbone.parameters()).dtype
         ids = torch.tensor([i for i in self.user_ids(users) for _ in range(num_images_per_user)], device=device)
-        size = self.config.get("sample_size") or backbone.config.sample_size
+        size = self.latent_size
         shape = (len(ids), self.vae.config.latent_channels, size, size)
         # All starting noise is drawn at once, so images do not depend on batch_size.
         if latents is None:
