@@ -13,6 +13,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from ldm_users.cli.train import run  # noqa: E402
 from tests.helpers import hydra_job  # noqa: E402
@@ -30,6 +31,11 @@ def _isolated_env(session_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_USERS_CACHE", str(session_cache))
     monkeypatch.setenv("LDM_USERS_OUTPUT", str(tmp_path / "outputs"))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    # A test that changes torch's thread count must not change later ones: the reduction order (and so the last
+    # bits of a float) depends on it, and test_exact_resume compares an in-process run with a fresh process.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

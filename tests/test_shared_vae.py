@@ -143,7 +143,8 @@ def test_a_two_model_sweep_trains_its_vae_once(tmp_path):
     cache = tmp_path / "cache"  # a fresh cache: no VAE of an earlier test to reuse
     code = "from ldm_users.cli.train import main; main()"
     args = ["-m", "experiment=smoke", "model=unet_tiny,dit_tiny", "logger=none", "vae_train.max_steps=4",
-            "train.max_steps=2", "train.log_interval=1", "sampler.num_inference_steps=2", f"paths.cache_dir={cache}",
+            "vae_train.log_interval=1", "train.max_steps=2", "sampler.num_inference_steps=2",
+            f"paths.cache_dir={cache}",
             f"hydra.sweep.dir={sweep_dir}"]
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
                          timeout=900, env={**os.environ, "HYDRA_FULL_ERROR": "1"})

@@ -192,7 +192,7 @@ def test_a_failed_job_is_marked_failed_and_the_next_job_still_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # vae_train.share=false: the second job must train the VAE itself, not reuse one from another test.
     out = _ldm_train(["-m", "experiment=smoke", "stage=vae", "model=unet_tiny,dit_tiny", "vae_train.max_steps=2",
-                      "vae_train.share=false", "train.log_interval=1", f"hydra.sweep.dir={sweep_dir}"], tmp_path,
+                      "vae_train.share=false", "vae_train.log_interval=1", f"hydra.sweep.dir={sweep_dir}"], tmp_path,
                      prelude=FAIL_FIRST_JOB)
     assert out.returncode == 1, out.stderr[-3000:]  # non-zero at the end, not at the failure
     assert "1 of 2 jobs failed" in out.stderr and "injected failure" in out.stderr
@@ -216,7 +216,7 @@ def test_submitit_local_multirun_completes(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # logger=none: W&B in a job process is covered above; this checks the launcher and the per-job files.
     out = _ldm_train(["-m", "hydra/launcher=local", "experiment=smoke", "stage=vae", "model=unet_tiny,dit_tiny",
-                      "logger=none", "vae_train.max_steps=2", "vae_train.share=false", "train.log_interval=1",
+                      "logger=none", "vae_train.max_steps=2", "vae_train.share=false", "vae_train.log_interval=1",
                       f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in out.stdout + out.stderr
