@@ -3,10 +3,12 @@
     ldm-bench -m model=unet_light,unet_medium,unet_sd,dit hardware=h100_80gb
     ldm-bench experiment=bench_cpu logger=none                  # tiny, on a CPU
     ldm-bench bench.mode=memory                                  # every model x profile, GPU capped to the profile
+    ldm-bench bench.mode=time_to_quality                         # recipes trained for a fixed time, then evaluated
 
-Random weights and random data: this measures speed and memory, not quality. Writes
+speed and memory: random weights and random data, no quality. Writes
 <results_dir>/bench_<model>_<hardware>_<device>.{md,json} and refreshes <results_dir>/bench_summary.md.
-The work is in perf/: bench_speed.py, bench_memory.py, bench_report.py.
+time_to_quality: real training and ldm-eval; <results_dir>/time_to_quality_<name>.{md,json,png}.
+The work is in perf/: bench_speed.py, bench_memory.py, bench_report.py, bench_quality.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from omegaconf import DictConfig
 from ldm_users.config import config_dir
 from ldm_users.errors import ConfigError, exit_on_user_error
 from ldm_users.perf.bench_memory import run_memory
+from ldm_users.perf.bench_quality import run_time_to_quality, write_quality_results
 from ldm_users.perf.bench_report import (build_rows, device_name, device_of, env_info, log_to_tracker, slug,
                                          write_results)
 from ldm_users.perf.bench_speed import run_speed
@@ -29,8 +32,14 @@ from ldm_users.runtime import output_dir
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     device = device_of()
     mode = str(cfg.bench.mode)
-    if mode not in ("speed", "memory"):
-        raise ConfigError(f"bench.mode={mode}: use speed or memory.")
+    if mode not in ("speed", "memory", "time_to_quality"):
+        raise ConfigError(f"bench.mode={mode}: use speed, memory or time_to_quality.")
+    if mode == "time_to_quality":  # trains and evaluates in subprocesses: no device of its own, no tracker
+        result = run_time_to_quality(cfg, run_dir or Path(str(cfg.bench.results_dir)) / "time_to_quality_runs")
+        written = write_quality_results(result, Path(str(cfg.bench.results_dir)), run_dir)
+        print(result["markdown"])
+        print(f"ldm-bench: wrote {', '.join(map(str, written))}")
+        return result
     if mode == "memory":
         result = run_memory(cfg, device)
         stem = f"bench-memory_{slug(device_name(device))}"

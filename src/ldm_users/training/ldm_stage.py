@@ -2,7 +2,8 @@
 
 The trainer (model, optimizer, EMA, step) comes from training/trainer.py, the loop (resume, logging,
 checkpoints, signals) from training/loop.py; this stage adds the latent cache, the EMA weights in every
-checkpoint, sample grids from the EMA weights, and at the end the final grid and the diffusers export.
+checkpoint, sample grids from the EMA weights, snapshots (train.snapshot_at_seconds: an export at a point of the
+training clock, in <run>/snapshots/<seconds>s), and at the end the final grid and the diffusers export.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ldm_users import io
 from ldm_users.data.folder import PreparedDataset
 from ldm_users.grid import user_rows_grid
 from ldm_users.inference.export import export_pipeline, make_pipeline
@@ -30,6 +32,9 @@ from ldm_users.training.signals import stop_on_signals
 from ldm_users.training.trainer import LdmTrainer, build_ldm_trainer
 
 log = logging.getLogger(__name__)
+
+SNAPSHOTS = "snapshots"             # <run>/snapshots/<seconds>s: an export each (train.snapshot_at_seconds)
+SNAPSHOT_FILE = "snapshot.json"     # in each: step, train_seconds, images_seen
 
 
 def sample_grid(pipe: UserLDMPipeline, cfg: DictConfig, users: list[str], path: Path, seed: int) -> Path:
@@ -80,6 +85,14 @@ class LdmHooks(StageHooks):
         grid = self.grid(f"step-{step:07d}.png")
         self.tracker.log_image("ldm/samples", grid, step=step, caption="one row per user (EMA weights)")
 
+    def snapshot(self, name: str, record: dict) -> None:
+        """The export as at the end of training (same weights choice, same writer), plus where the clock was."""
+        export_dir = self.stage_dir.parent / SNAPSHOTS / name
+        self.grid(f"snapshot-{name}.png", bool(self.cfg.export.get("use_ema", True)), export_dir)
+        io.write_json(export_dir / SNAPSHOT_FILE, record)
+        log.info("LDM: snapshot %s at step %d (%.1f s of training): %s", name, record["step"],
+                 record["train_seconds"], export_dir)
+
 
 @stop_on_signals
 def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir: Path, accelerator,
@@ -109,7 +122,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
     if accelerator.is_main_process:
         use_ema = bool(cfg.export.get("use_ema", True))
         grid = hooks.grid("final.png", use_ema, export_dir if cfg.export.enabled else None)
-        tracker.log_image("ldm/samples", grid, step=steps, caption="final, one row per user (EMA weights)")
+        tracker.log_image("ldm/samples", grid, step=runner.end_step, caption="final, one row per user (EMA weights)")
         tracker.set_summary(final_summary(cfg, runner, trainer, vae, dataset.users))
         log.info("LDM: final grid %s; export %s", grid, export_dir if cfg.export.enabled else "(disabled)")
     accelerator.wait_for_everyone()
@@ -123,7 +136,7 @@ def final_summary(cfg: DictConfig, runner: StageRunner, trainer: LdmTrainer, vae
     model = trainer.unwrapped
     summary = {"params/denoiser": count_parameters(model.backbone),
                "params/user_encoder": count_parameters(model.condition), "params/vae": count_parameters(vae),
-               "ldm/skipped_steps_total": runner.bad.total}
+               "ldm/skipped_steps_total": runner.bad.total, "ldm/train_seconds": runner.clock.elapsed}
     try:  # on fake tensors: seconds even for the largest model, and no memory
         summary["ldm/train_flops_per_image"] = denoiser_train_flops_per_image(
             lambda: build_denoiser(cfg, users), latent_shape(cfg), len(users))

@@ -9,7 +9,9 @@ A stage hands over its step (training/steps.py) and its hooks; the runner does t
   epoch, skipped steps, peak GPU memory, plus the stage's own terms; under `<stage name>/` in the tracker (`vae/*`, `ldm/*`);
 - every `sample_interval` steps on the main process: the stage's `sample` hook (a grid);
 - every `save_interval` steps: a checkpoint (rotated to `checkpoints_total_limit`), with the stage's files;
-- `stop_at_step` and SIGTERM/SIGINT: checkpoint at this step and stop (a signal raises TrainingInterrupted).
+- `stop_at_step` and SIGTERM/SIGINT: checkpoint at this step and stop (a signal raises TrainingInterrupted);
+- the training clock (training/clock.py, seconds inside the step only): the stage's `snapshot` hook when it first
+  crosses each `snapshot_at_seconds`, and at `max_train_seconds` the end of the stage (as if its last step).
 
 The cadence keys are read from the stage's own config node (`cfg.vae_train` or `cfg.train`).
 """
@@ -27,6 +29,7 @@ from omegaconf import DictConfig
 
 from ldm_users.progress import progress
 from ldm_users.training import checkpoint as ckpt
+from ldm_users.training.clock import TrainingClock, snapshot_name
 from ldm_users.training.common import DataOrder
 from ldm_users.training.nonfinite import BadStepCounter
 from ldm_users.training.resume import resolve_resume, write_run_meta
@@ -56,6 +59,10 @@ class StageHooks:
         """Extra logged values (without the stage prefix) from the latest step."""
         return {}
 
+    def snapshot(self, name: str, record: dict) -> None:
+        """When the training clock first crosses one of snapshot_at_seconds (`name`: e.g. 30s), on the main
+        process; `record`: the step, training seconds and images seen at that point."""
+
 
 @dataclass
 class Stage:
@@ -84,6 +91,8 @@ class StageRunner:
         self.last_loss = self.last_rate = float("nan")
         self.first_step_seconds: float | None = None
         self.trained_steps = 0
+        self.clock = TrainingClock.from_cfg(stage.keys, stage.keys_name)
+        self.end_step = stage.total_steps  # the last step: earlier when max_train_seconds ends the stage
 
     @property
     def checkpoints(self) -> Path:
@@ -95,7 +104,9 @@ class StageRunner:
         self.last_checkpoint = resolve_resume(self.cfg, self.checkpoints, self.users, stage=stage.name)
         if self.last_checkpoint is None:
             return 0
-        start = ckpt.load_checkpoint(self.accelerator, self.last_checkpoint)["step"]
+        state = ckpt.load_checkpoint(self.accelerator, self.last_checkpoint)
+        start = state["step"]
+        self.clock.restore(state)  # the training clock goes on from where it was saved
         stage.hooks.resumed(self.last_checkpoint)
         log.info("%s: resumed from %s at step %d", stage.label, self.last_checkpoint, start)
         return start
@@ -108,7 +119,7 @@ class StageRunner:
             stage.hooks.write_extra(folder)
 
         state = {"stage": stage.name, "epoch": stage.order.epoch_of(step * self.images_per_step),
-                 **stage.hooks.checkpoint_state()}
+                 **self.clock.state(), **stage.hooks.checkpoint_state()}
         self.last_checkpoint = ckpt.save_checkpoint(self.accelerator, self.checkpoints, step, state,
                                                     write_extra=extra,
                                                     total_limit=int(stage.keys.checkpoints_total_limit))
@@ -117,12 +128,16 @@ class StageRunner:
     def save_final(self) -> None:
         """The checkpoint at the last step, unless this run trained nothing and one exists already."""
         if self.trained_steps or ckpt.latest_checkpoint(self.checkpoints) is None:
-            self.save(self.stage.total_steps)
+            self.save(self.end_step)
 
     def run(self, start: int) -> bool:
-        """Train from `start` to the end; False when stopped on purpose at stop_at_step (already checkpointed)."""
+        """Train from `start` to the end (the last step, or max_train_seconds of training time); False when stopped
+        on purpose at stop_at_step (already checkpointed)."""
         stage, keys = self.stage, self.stage.keys
         steps = stage.total_steps
+        if self.clock.over_budget():  # resumed after the time budget ended it: only the final save and export
+            self.trained_steps, self.end_step = 0, start
+            return True
         accum, world = self.accelerator.gradient_accumulation_steps, self.accelerator.num_processes
         log.info("%s: steps %d to %d, global batch %d (%d per device x %d accumulation x %d process(es)), lr %.3g",
                  stage.label, start, steps, self.images_per_step, stage.batch, accum, world, stage.lr)
@@ -137,10 +152,16 @@ class StageRunner:
             result = self._timed_step(step, first=step == start)
             done = step + 1
             self._account(done, result)
-            if done % int(keys.log_interval) == 0 or done == steps:
+            out_of_time = self._clock_work(done)
+            if done % int(keys.log_interval) == 0 or done == steps or out_of_time:
                 self._log(done, result, bar)
             if self.accelerator.is_main_process and done % int(keys.sample_interval) == 0:
                 stage.hooks.sample(done)
+            if out_of_time:  # ends the stage as its last step would: the caller saves the final checkpoint
+                self.trained_steps, self.end_step = done - start, done
+                log.info("%s: %.1f s of training time reached %s.max_train_seconds=%g at step %d.", stage.label,
+                         self.clock.elapsed, stage.keys_name, self.clock.max_seconds, done)
+                return True
             if done % int(keys.save_interval) == 0 and done < steps:
                 self.save(done)
             if stop_at is not None and done >= stop_at and done < steps:
@@ -156,15 +177,33 @@ class StageRunner:
         return True
 
     def _timed_step(self, step: int, first: bool) -> StepResult:
-        if not (first and self.stage.time_first_step):
-            return self.stage.step(step)
+        """The step, on the training clock (exact when time targets act on it: the GPU's work is waited for)."""
+        timed_first = first and self.stage.time_first_step
+        exact = (timed_first or self.clock.has_targets) and self.device.type == "cuda"
         t0 = time.perf_counter()
+        self.clock.start()
         result = self.stage.step(step)
-        if self.device.type == "cuda":
+        if exact:
             torch.cuda.synchronize(self.device)
-        self.first_step_seconds = time.perf_counter() - t0
-        log.info("%s: first (compiling) step took %.1f s", self.stage.label, self.first_step_seconds)
+        self.clock.stop()
+        if timed_first:
+            self.first_step_seconds = time.perf_counter() - t0
+            log.info("%s: first (compiling) step took %.1f s", self.stage.label, self.first_step_seconds)
         return result
+
+    def _clock_work(self, done: int) -> bool:
+        """Snapshots the training clock has crossed (after this step); True when the time budget is spent."""
+        if not self.clock.has_targets:
+            return False
+        self.clock.agree(self.accelerator)
+        for seconds in self.clock.due():
+            name = snapshot_name(seconds)
+            if self.accelerator.is_main_process:
+                self.stage.hooks.snapshot(name, {"step": done, "train_seconds": self.clock.elapsed,
+                                                 "images_seen": done * self.images_per_step})
+            self.clock.taken[name] = done
+            self.accelerator.wait_for_everyone()
+        return self.clock.over_budget() and done < self.stage.total_steps
 
     def _save_unless_saved(self, done: int) -> None:
         if done % int(self.stage.keys.save_interval):
