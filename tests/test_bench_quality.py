@@ -11,7 +11,7 @@ from omegaconf import open_dict
 from ldm_users.cli.bench import run
 from ldm_users.config import compose as compose_config
 from ldm_users.errors import ConfigError
-from ldm_users.perf.bench_quality import train_command, settings
+from ldm_users.perf.bench_quality import eval_command, settings, train_command
 
 
 def ttq_cfg(tmp_path, **ttq):
@@ -31,6 +31,12 @@ def test_recipe_overrides_come_after_base_and_cannot_move_the_budget(tmp_path):
     assert command.index("experiment=smoke") < command.index("train.lr=1e-3")
     assert command.index("train.max_steps=1000000000") < command.index("train.max_steps=50")  # the recipe's wins
     assert "train.max_train_seconds=4" in command and "train.snapshot_at_seconds=[2,4]" in command
+    assert command.index("eval.enabled=false") > command.index("experiment=smoke")
+    evaluated = eval_command(settings(ttq_cfg(tmp_path, eval=["sampler.num_inference_steps=5"])), "old",
+                             tmp_path / "snap", tmp_path / "eval")
+    # the old recipe is sampled as it was (DDIM), after the shared eval overrides
+    assert evaluated.index("sampler.num_inference_steps=5") < evaluated.index("sampler=ddim")
+    assert not any(o.startswith(("train.", "noise_scheduler.")) for o in evaluated)
     with pytest.raises(ConfigError, match="none past budget_s"):
         run(ttq_cfg(tmp_path, eval_at_s=[2, 8], budget_s=4), tmp_path / "run")
 

@@ -120,3 +120,46 @@ def test_data_generate_is_a_target_node(tmp_path):
     root = instantiate(cfg.data.generate)  # what prepare_dataset calls, once
     assert root == tmp_path / "d" and sorted(p.name for p in root.iterdir() if p.is_dir()) == ["user_00", "user_01"]
     assert compose("data=folder", "data.data_dir=/x").data.generate is None
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_with_a_folder_dataset(experiment, tmp_path):
+    cfg = compose(f"experiment={experiment}", "data=folder", f"data.data_dir={tmp_path}")
+    users = 31 if cfg.data.num_users is None else int(cfg.data.num_users)
+    assert check_compatibility(cfg, dataset_num_users=users) == []
+    assert cfg.data.name == "folder"  # a command-line data= wins over the preset
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_the_small_data_presets():
+    cpu = compose("experiment=small_data_cpu", "data=fonts", "data.images_per_user=10")
+    assert (cpu.data.name, cpu.data.resolution, cpu.hardware.name, cpu.model.name) == ("fonts", 32, "cpu", "unet_tiny")
+    assert cpu.train.augment.shift == 1 and cpu.eval.enabled
+    gpu = compose("experiment=small_data_16gb", "data=folder", "data.data_dir=/x")
+    assert (gpu.data.resolution, gpu.hardware.name, gpu.model.name, gpu.vae.name) == (128, "p100_16gb", "unet_light",
+                                                                                      "kl_128")
+    assert gpu.hardware.batch_size * gpu.hardware.gradient_accumulation_steps == 16 and gpu.data.random_flip
+
+
+def test_learning_rate_follows_the_model_size_unless_fixed():
+    assert compose("model=unet_tiny").train.lr == 1e-3
+    assert compose("model=unet_light").train.lr == 2e-4
+    assert compose("model=unet_medium").train.lr == compose("model=dit").train.lr == 1e-4
+    assert compose("model=unet_light", "train.lr=5e-5").train.lr == 5e-5
+    # the size sweep trains every size at its own rate
+    assert compose("experiment=model_size_sweep", "model=unet_light").train.lr == 2e-4
+
+
+def test_the_default_recipe_is_the_measured_one():
+    from ldm_users.inference.samplers import make_scheduler, noise_scheduler
+
+    cfg = compose()
+    assert (cfg.train.prediction_type, cfg.train.min_snr_gamma) == ("v_prediction", 5)
+    assert cfg.noise_scheduler.rescale_betas_zero_snr and cfg.sampler.name == "dpmpp_2m"
+    assert cfg.sampler.num_inference_steps == 20
+    sampler = make_scheduler(cfg.sampler, noise_scheduler(cfg.noise_scheduler).config)
+    sampler.set_timesteps(20)
+    assert int(sampler.timesteps[0]) == 999  # trailing: sampling starts where zero terminal SNR puts pure noise
+    # flow matching has its own weightings: min-SNR is off for flux, and the flux family samples with flow_euler
+    flux = compose("model=flux")
+    assert flux.train.min_snr_gamma is None and flux.sampler.name == "flow_euler"

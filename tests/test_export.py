@@ -74,7 +74,7 @@ def test_export_is_a_diffusers_custom_pipeline_with_a_model_card(exports):
     assert header["library_name"] == "diffusers" and header["pipeline_tag"] == "unconditional-image-generation"
     assert {"unet", "UNet2DConditionModel", "unet_tiny"} <= set(header["tags"])
     assert "![one row per user](samples.png)" in card and (unet / "samples.png").exists()
-    assert "`user_03`" in card and "| prediction type | epsilon |" in card and "## Evaluation" not in card
+    assert "`user_03`" in card and "| prediction type | v_prediction |" in card and "## Evaluation" not in card
     write_model_card(unet, {"user_acc/top1": 0.875, "fd/classifier": 1.5, "sampler": "ddim", "images_per_user": 4})
     card = (unet / "README.md").read_text()
     assert "## Evaluation" in card and "| user accuracy (top-1) | 0.875 |" in card

@@ -69,16 +69,20 @@ def test_flow_loss_weighting_and_shift():
 
 
 def test_min_snr_gamma_weights_match_the_formula():
-    objective = objective_for("model=unet_tiny", "train.min_snr_gamma=5")
+    plain = ("train.prediction_type=epsilon", "noise_scheduler.rescale_betas_zero_snr=false")  # the formula's schedule
+    objective = objective_for("model=unet_tiny", "train.min_snr_gamma=5", *plain)
     t = torch.tensor([0, 100, 500, 999])
     alpha_bar = objective.noise_scheduler.alphas_cumprod[t]
     snr = alpha_bar / (1 - alpha_bar)
     expected_eps = torch.minimum(snr, torch.tensor(5.0)) / snr
     assert torch.allclose(objective.loss_weights(t), expected_eps, rtol=1e-5)
     assert objective.loss_weights(t)[0] < 0.01 and objective.loss_weights(t)[-1] == 1.0  # low noise down-weighted
-    v = objective_for("model=unet_tiny", "train.min_snr_gamma=5", "train.prediction_type=v_prediction")
+    v = objective_for("model=unet_tiny", "train.min_snr_gamma=5", *plain, "train.prediction_type=v_prediction")
     assert torch.allclose(v.loss_weights(t), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=1e-5)
-    assert objective_for("model=unet_tiny").loss_weights(t) is None
+    assert objective_for("model=unet_tiny", "train.min_snr_gamma=null").loss_weights(t) is None
+    # the default recipe (v, zero terminal SNR, min-SNR-5): finite weights in [0, 1] even where the SNR is 0
+    weights = objective_for("model=unet_tiny").loss_weights(t)
+    assert torch.isfinite(weights).all() and (weights >= 0).all() and (weights <= 1).all()
 
 
 def test_weighted_mse_is_plain_mse_with_unit_weights():
@@ -94,7 +98,9 @@ def test_zero_terminal_snr_makes_the_last_step_pure_noise():
                               "noise_scheduler.rescale_betas_zero_snr=true")
     assert isinstance(objective, VPrediction)
     assert objective.noise_scheduler.alphas_cumprod[-1] == 0
-    assert objective_for("model=unet_tiny").noise_scheduler.alphas_cumprod[-1] > 0
+    assert objective_for("model=unet_tiny").noise_scheduler.alphas_cumprod[-1] == 0  # the default recipe
+    assert objective_for("model=unet_tiny", "noise_scheduler.rescale_betas_zero_snr=false",
+                         "train.prediction_type=epsilon").noise_scheduler.alphas_cumprod[-1] > 0
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([999, 999])
     assert torch.allclose(objective.noisy(x0, noise, t), noise, atol=1e-6)
@@ -102,7 +108,7 @@ def test_zero_terminal_snr_makes_the_last_step_pure_noise():
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["model=unet_tiny", "noise_scheduler.rescale_betas_zero_snr=true"], "train.prediction_type=v_prediction"),
+    (["model=unet_tiny", "train.prediction_type=epsilon"], "train.prediction_type=v_prediction"),  # zero SNR default
     (["model=flux_tiny", "train.min_snr_gamma=5"], "train.flow.loss_weighting"),
     (["model=flux_tiny", "train.flow.timestep_density=beta"], "train.flow.timestep_density=beta"),
     (["model=unet_tiny", "train.objective=rectified"], "train.objective=rectified"),

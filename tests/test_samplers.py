@@ -21,7 +21,9 @@ ODE_SAMPLERS = ["dpmpp_2m", "unipc", "euler"]
 
 
 def tiny_pipeline(prediction_type: str):
-    cfg = compose("experiment=smoke", f"train.prediction_type={prediction_type}")
+    # v: the default recipe's schedule (zero terminal SNR, trailing spacing); epsilon cannot take zero terminal SNR.
+    cfg = compose("experiment=smoke", f"train.prediction_type={prediction_type}",
+                  *(["noise_scheduler.rescale_betas_zero_snr=false"] if prediction_type == "epsilon" else []))
     torch.manual_seed(0)
     users = [f"u{i}" for i in range(4)]
     noise = instantiate(cfg.noise_scheduler).config
@@ -35,7 +37,8 @@ def scheduler_for(name: str, noise_config):
 
 
 def test_each_sampler_is_a_target_node_over_the_training_noise_schedule():
-    assert compose().sampler.name == "ddim"  # the default stays DDIM until the samplers are measured (issue 12)
+    # the measured default: DPM-Solver++ 2M at 20 steps met DDIM-50's quality (experiments/README.md, "Samplers")
+    assert (compose().sampler.name, compose().sampler.num_inference_steps) == ("dpmpp_2m", 20)
     noise = instantiate(compose("train.prediction_type=v_prediction").noise_scheduler).config
     for name, cls in SAMPLERS.items():
         sampler = compose(f"sampler={name}").sampler
@@ -59,8 +62,8 @@ def test_each_sampler_reproduces_ddim_at_high_step_counts(prediction_type):
     Tolerance: DDIM is a first-order solver, so its own error at N steps is about twice its distance to DDIM at 2N
     (Richardson). A sampler at least as accurate lies within that error plus its own of DDIM(N): we allow 3x the
     DDIM(N)-DDIM(2N) distance (measured over 5 random models: at most 1.55x). Reading the model's output as the
-    wrong prediction type misses by 70x (epsilon) to 4000x (v). N=250 and 2N=500 divide the 1000 training steps:
-    with the training config's "leading" spacing, DDIM at 400 steps would start at t=798, not 998.
+    wrong prediction type misses by 70x (epsilon) to 4000x (v). Every sampler takes the training config's trailing
+    spacing, so all of them start at t=999.
     The denoiser is a fixed random tiny model (a 3x3 convolution and a user embedding, smooth in x and t) put in
     through the pipeline's predictor hook, so 250-step runs cost milliseconds; the next test runs the real UNet.
     """
@@ -89,7 +92,8 @@ def test_each_sampler_reproduces_ddim_at_high_step_counts(prediction_type):
             assert distance(sample(scheduler_for(name, noise), steps), ddim) < 3 * ddim_error, name
         other = "epsilon" if prediction_type == "v_prediction" else "v_prediction"
         wrong = sample(scheduler_for("ddim", {**noise, "prediction_type": other}), steps)
-    assert distance(wrong, ddim) > 20 * ddim_error
+    # far off, or NaN: epsilon read off a zero-terminal-SNR schedule divides by alpha = 0 at t=999
+    assert not distance(wrong, ddim) <= 20 * ddim_error
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

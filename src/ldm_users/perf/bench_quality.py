@@ -68,11 +68,19 @@ def settings(cfg: DictConfig) -> dict:
 
 def train_command(s: dict, recipe: str, run_dir: Path) -> list[str]:
     """The recipe's ldm-train overrides. The step cap comes first so that a recipe may set its own (then the run
-    ends at whichever comes first); the time keys come last so that nothing overrides the budget."""
+    ends at whichever comes first); the time keys come last so that nothing overrides the budget. The snapshots are
+    judged by ldm-eval afterwards, so the run itself evaluates nothing (a preset may set eval.enabled)."""
     seconds = ",".join(f"{t:g}" for t in s["eval_at_s"])
     return [f"train.max_steps={NEVER}", *s["base"], *s["recipes"][recipe], f"train.max_train_seconds={s['budget_s']:g}",
-            f"train.snapshot_at_seconds=[{seconds}]", f"train.sample_interval={NEVER}", "logger=none",
+            f"train.snapshot_at_seconds=[{seconds}]", f"train.sample_interval={NEVER}", "eval.enabled=false", "logger=none",
             f"hydra.run.dir={run_dir}"]
+
+
+def eval_command(s: dict, recipe: str, snapshot: Path, eval_dir: Path) -> list[str]:
+    """ldm-eval's overrides for a snapshot. The sampler is part of a recipe (ldm-eval does not take it over from the
+    trained run): the recipe's sampler overrides come after the shared eval ones."""
+    sampler = [o for o in s["recipes"][recipe] if re.match(r"[+~]?sampler[./=]", o)]
+    return [f"export_path={snapshot}", *s["eval"], *sampler, "logger=none", f"hydra.run.dir={eval_dir}"]
 
 
 def evaluate_snapshot(s: dict, recipe: str, at: float, run_dir: Path) -> dict:
@@ -86,7 +94,7 @@ def evaluate_snapshot(s: dict, recipe: str, at: float, run_dir: Path) -> dict:
     record = json.loads((snap / SNAPSHOT_FILE).read_text())
     row.update(seconds=record["train_seconds"], steps=record["step"], images_seen=record["images_seen"])
     eval_dir = run_dir / "eval" / snapshot_name(at)
-    _, error = _cli("eval", f"export_path={snap}", *s["eval"], "logger=none", f"hydra.run.dir={eval_dir}")
+    _, error = _cli("eval", *eval_command(s, recipe, snap, eval_dir))
     if error:
         row["error"] = f"ldm-eval: {error}"
         return row
