@@ -36,7 +36,11 @@ def test_stage_vae_then_stage_ldm_and_loss_drops(tmp_path, monkeypatch):
             metrics.append(m)
 
     monkeypatch.setattr(train_cli, "make_tracker", lambda *a, **k: Recorder())
-    result = _run(tmp_path, "stage=ldm", "train.max_steps=300", "train.lr=2e-3", "train.log_interval=25")
+    # Epsilon and plain MSE, whose loss falls far as the model learns. The default recipe's min-SNR-weighted v-loss
+    # starts close to its floor (0.30 -> 0.28 over these 300 steps), too little of a drop to test the loop with.
+    result = _run(tmp_path, "stage=ldm", "train.max_steps=300", "train.lr=2e-3", "train.log_interval=25",
+                  "train.prediction_type=epsilon", "train.min_snr_gamma=null",
+                  "noise_scheduler.rescale_betas_zero_snr=false")
     losses = [m["ldm/loss"] for m in metrics if "ldm/loss" in m]
     assert len(losses) == 12
     assert losses[-1] < 0.6 * losses[0], losses  # a clear drop, not just "finite"
