@@ -12,7 +12,7 @@ from ldm_users.compat import assert_compatible, check_compatibility
 from ldm_users.errors import ConfigError
 from tests.helpers import REPO, compose
 
-MODELS = ["unet_sd", "unet_medium", "unet_light", "dit", "unet_tiny", "dit_tiny"]
+MODELS = ["unet_sd", "unet_medium", "unet_light", "dit", "unet_tiny", "dit_small", "dit_tiny"]
 VAES = ["kl_128", "kl_tiny"]
 HARDWARE = ["p100_16gb", "gpu_8gb", "h100_80gb", "cpu"]
 
@@ -99,7 +99,7 @@ def test_bad_override_exits_with_message_not_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("group,option,base", [("model", m, "unet") for m in MODELS if m.startswith("unet")]
-                         + [("model", "dit", "dit"), ("model", "dit_tiny", "dit"),
+                         + [("model", "dit", "dit"), ("model", "dit_small", "dit"), ("model", "dit_tiny", "dit"),
                             ("vae", "kl_128", "kl"), ("vae", "kl_tiny", "kl")])
 def test_a_size_is_a_few_lines_naming_its_base(group, option, base):
     text = (REPO / "conf" / group / f"{option}.yaml").read_text()
