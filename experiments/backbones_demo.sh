@@ -21,6 +21,6 @@ $LDM_BENCH bench.mode=time_to_quality bench.time_to_quality.name="$NAME" \
   '~bench.time_to_quality.recipes.current' '~bench.time_to_quality.recipes.old' \
   '~bench.time_to_quality.recipes.diffusers_example' \
   "+bench.time_to_quality.recipes.unet_tiny=['model=unet_tiny']" \
-  "+bench.time_to_quality.recipes.dit_08M=['model=dit_tiny','model.denoiser.num_layers=4','model.denoiser.num_attention_heads=4','model.denoiser.attention_head_dim=24']" \
+  "+bench.time_to_quality.recipes.dit_08M=['model=dit_small']" \
   "+bench.time_to_quality.recipes.flux_08M=['model=flux_tiny','model.embed_dim=96','model.denoiser.num_layers=1','model.denoiser.num_single_layers=3','model.denoiser.num_attention_heads=4','model.denoiser.attention_head_dim=24','model.denoiser.axes_dims_rope=[8,8,8]']" \
   logger=none "$@"
