@@ -40,7 +40,10 @@ def _first_job(arg: str) -> str:
     return f"{key}={value}"
 
 
-@pytest.mark.parametrize("where, line", _commands(), ids=[w for w, _ in _commands()])
+COMMANDS = _commands()
+
+
+@pytest.mark.parametrize("where, line", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_readme_command_composes(where, line, tmp_path):
     line = (line.replace("<run>", "run").replace("=...", f"={tmp_path}")
             .replace("/path/to/users", str(tmp_path)).replace("/data/users", str(tmp_path)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -187,13 +188,14 @@ def plot_curves(result: dict, path: Path) -> Path:
 def write_quality_results(result: dict, results_dir: Path, run_dir: Path | None) -> list[Path]:
     """time_to_quality_<name>.{md,json,png} in results_dir (and the run dir)."""
     stem = f"time_to_quality_{result['settings']['name']}"
-    written = []
-    for folder in [results_dir] + ([run_dir] if run_dir is not None else []):
-        folder.mkdir(parents=True, exist_ok=True)
-        png = plot_curves(result, folder / f"{stem}.png")
-        result["markdown"] = to_markdown(result, png)
-        written += [io.write_text(folder / f"{stem}.md", result["markdown"]),
-                    io.write_json(folder / f"{stem}.json", {k: v for k, v in result.items() if k != "markdown"}),
-                    png]
-    return written[:3]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_curves(result, results_dir / f"{stem}.png")
+    result["markdown"] = to_markdown(result, png)
+    written = [io.write_text(results_dir / f"{stem}.md", result["markdown"]),
+               io.write_json(results_dir / f"{stem}.json", {k: v for k, v in result.items() if k != "markdown"}), png]
+    if run_dir is not None:  # the same files, rendered once (the markdown names the png by file name only)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for path in written:
+            shutil.copyfile(path, run_dir / path.name)
+    return written
 
