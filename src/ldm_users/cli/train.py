@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 from pathlib import Path
@@ -23,25 +22,10 @@ from ldm_users.tracking import make_tracker
 from ldm_users.training.common import make_accelerator
 from ldm_users.training.ldm_stage import train_ldm
 from ldm_users.training.shared_vae import obtain_vae
-from ldm_users.training.vae_stage import train_vae
+from ldm_users.training.vae_stage import check_vae_matches, train_vae
 
 log = logging.getLogger("ldm_users.cli.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise in the console
-
-
-def check_vae_matches(vae_dir: Path, cfg: DictConfig) -> None:
-    config_file = Path(vae_dir) / "config.json"
-    if not config_file.exists():
-        raise ConfigError(f"vae_path={vae_dir} has no config.json: point it at a VAE saved with save_pretrained "
-                          f"(e.g. <run_dir>/vae/final).")
-    saved = json.loads(config_file.read_text())
-    want = cfg.vae.autoencoder
-    if saved.get("latent_channels") != int(want.latent_channels) or \
-            len(saved.get("block_out_channels", [])) != len(want.block_out_channels):
-        raise ConfigError(f"vae_path={vae_dir} has latent_channels={saved.get('latent_channels')} and "
-                          f"{len(saved.get('block_out_channels', []))} blocks, but vae={cfg.vae.name} has "
-                          f"{want.latent_channels} and {len(want.block_out_channels)}: choose the vae config it was "
-                          f"trained with (vae=kl_128 or vae=kl_tiny, or your own).")
 
 
 def refuse_to_split_an_old_run(cfg: DictConfig, run_dir: Path) -> None:

@@ -12,10 +12,10 @@ then the objective (training/objectives.py) gives timesteps, noisy input, target
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ldm_users.training.common import DataOrder, seed_step
 from ldm_users.training.nonfinite import step_is_finite
@@ -111,33 +111,48 @@ class TrainStep:
 
 
 class VAEWithLoss(torch.nn.Module):
-    """The autoencoder and its training loss behind one forward(), so DDP sees (and syncs) the whole step."""
+    """The autoencoder and its generator loss (training/vae_losses.py) behind one forward(), so DDP sees (and syncs)
+    the whole step. Only the VAE is a submodule: the discriminator has its own optimizer and checkpoint entry, and
+    the perceptual net is loaded from its file. With `decoder_only` the encoder runs without gradients."""
 
-    def __init__(self, vae, l1_weight: float, l2_weight: float, kl_weight: float):
+    def __init__(self, vae, reconstruction, kl_weight: float, adversarial=None, decoder_only: bool = False):
         super().__init__()
         self.vae = vae
-        self.weights = (float(l1_weight), float(l2_weight), float(kl_weight))
+        self.reconstruction, self.kl_weight, self.adversarial = reconstruction, float(kl_weight), adversarial
+        self.decoder_only = decoder_only
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        posterior = self.vae.encode(images).latent_dist
+    def forward(self, images: torch.Tensor, adversarial: bool = False):
+        """(loss, loss terms, the reconstructions without gradient) of a batch; `adversarial`: add the generator's
+        adversarial term (from vae_train.disc.start on)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            posterior = self.vae.encode(images).latent_dist
         recon = self.vae.decode(posterior.sample()).sample.float()
         images = images.float()
-        l1 = F.l1_loss(recon, images)
-        l2 = F.mse_loss(recon, images)
+        nll, terms = self.reconstruction(recon, images)
         kl = posterior.kl().mean() / images[0].numel()  # per pixel, so kl_weight is comparable across sizes
-        w1, w2, wkl = self.weights
-        loss = w1 * l1 + w2 * l2 + wkl * kl
-        return loss, {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
+        loss = nll + self.kl_weight * kl
+        terms["kl"] = kl.detach()
+        if adversarial:
+            g_term, g_terms = self.adversarial.generator_loss(recon, nll, self.vae.decoder.conv_out.weight)
+            loss = loss + g_term
+            terms.update(g_terms)
+        return loss, terms, recon.detach()
 
 
 class VaeTrainStep(TrainStep):
-    """The autoencoder on a micro-batch of dataset images (flipped at random with data.random_flip)."""
+    """The autoencoder on a micro-batch of dataset images (flipped at random with data.random_flip); with a
+    discriminator (`adversarial`, `disc_optimizer`), after the autoencoder's optimizer step the discriminator's on
+    the same micro-batches' real images and reconstructions (its backward after the autoencoder's step, so under
+    fp16 both see the loss scale they are unscaled with)."""
 
-    def __init__(self, accelerator, model, optimizer, lr_scheduler, order, settings, dataset):
-        super().__init__(accelerator, model, optimizer, lr_scheduler, order, settings)
-        self.dataset = dataset
+    def __init__(self, accelerator, model, optimizer, lr_scheduler, order, settings, dataset, ema=None,
+                 adversarial=None, disc_optimizer=None):
+        super().__init__(accelerator, model, optimizer, lr_scheduler, order, settings, ema)
+        self.dataset, self.adversarial, self.disc_optimizer = dataset, adversarial, disc_optimizer
+        self.step_index, self.pairs = 0, []
 
     def inputs(self, step: int, micro: int) -> torch.Tensor:
+        self.step_index = step
         images, _ = self.dataset.batch(self.indices(step, micro).numpy())
         images = images.to(self.device)
         if self.settings.random_flip:
@@ -145,8 +160,35 @@ class VaeTrainStep(TrainStep):
             images = torch.where(mask[:, None, None, None], images.flip(-1), images)
         return images
 
+    def gan_active(self) -> bool:
+        return self.adversarial is not None and self.adversarial.active(self.step_index)
+
     def loss(self, images):
-        return self.forward(images)
+        loss, terms, recon = self.forward(images, self.gan_active())
+        if self.gan_active():
+            self.pairs.append((images, recon))
+        return loss, terms
+
+    def __call__(self, step: int) -> StepResult:
+        self.pairs = []
+        result = super().__call__(step)
+        if self.pairs:
+            result.extras.update(self.discriminator_step())
+        self.pairs = []
+        return result
+
+    def discriminator_step(self) -> dict:
+        accelerator, disc = self.accelerator, self.adversarial.disc
+        for i, (images, recon) in enumerate(self.pairs):
+            last = i == len(self.pairs) - 1
+            with contextlib.nullcontext() if last or self.world == 1 else accelerator.no_sync(disc):
+                with accelerator.autocast():
+                    d_loss, terms = self.adversarial.discriminator_loss(images, recon)
+                accelerator.backward(d_loss)
+        if step_is_finite(accelerator, d_loss, None):  # a NaN must not reach the discriminator either
+            self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return terms
 
 
 class LdmTrainStep(TrainStep):
