@@ -172,3 +172,19 @@ def test_fft_term_is_the_mean_spectral_difference():
     loss = ReconstructionLoss(_tcfg(fft_weight=2.0, ssim_weight=0.5))
     nll, terms = loss(images + 0.4, images)
     torch.testing.assert_close(nll, terms["l1"] + 2.0 * terms["fft"] + 0.5 * (1 - terms["ssim"]))
+
+
+def test_shared_vae_key_follows_the_pretrained_files(tmp_path):
+    from types import SimpleNamespace
+
+    from ldm_users.training.shared_vae import vae_key
+
+    folder = tmp_path / "pretrained"
+    _save_vae(folder, "vae=kl_tiny", scaling_factor=0.5)
+    cfg = compose(f"vae_train.init_from={folder}")
+    dataset = SimpleNamespace(fingerprint="abc", resolution=32)
+    accelerator = SimpleNamespace(gradient_accumulation_steps=1, num_processes=1, mixed_precision="no")
+    before, _ = vae_key(cfg, dataset, accelerator)
+    assert vae_key(compose(), dataset, accelerator)[0] != before
+    _save_vae(folder, "vae=kl_tiny", "vae.autoencoder.block_out_channels=[8,16,16]", scaling_factor=0.5)
+    assert vae_key(cfg, dataset, accelerator)[0] != before  # same path, other weights: not the cached VAE

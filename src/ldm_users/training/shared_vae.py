@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.config import to_container
 from ldm_users.errors import ConfigError
@@ -51,8 +51,23 @@ def vae_key(cfg: DictConfig, dataset, accelerator) -> tuple[str, dict]:
         "batch_size": int(cfg.hardware.batch_size), "accumulation": int(accelerator.gradient_accumulation_steps),
         "processes": int(accelerator.num_processes), "mixed_precision": str(accelerator.mixed_precision),
     }
+    # Files the settings only name (a pretrained VAE to start from, the perceptual loss's weights), when given.
+    files = {name: _files_identity(OmegaConf.select(cfg.vae_train, name))
+             for name in ("init_from", "perceptual.weights_path") if OmegaConf.select(cfg.vae_train, name)}
+    if files:
+        ingredients["files"] = files
     digest = hashlib.sha256(json.dumps(ingredients, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:16], ingredients
+
+
+def _files_identity(path) -> list | None:
+    """(name, size, modification time) of a file, or of each file in a folder: a file replaced at the same path
+    gives another key (hashing a large pretrained VAE at every start would cost more than it protects)."""
+    if not path or not Path(str(path)).exists():
+        return None
+    path = Path(str(path))
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def is_complete(folder: Path) -> bool:
