@@ -7,6 +7,19 @@ import sys
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
+def os_error_fix(err: OSError, folder) -> str:
+    """What to do about `err`, met while writing under `folder`, by its real cause: a full disk, missing
+    permissions, or a file that vanished mid-write (another process moving or deleting it) need different fixes."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"Free disk space under {folder}, or point paths.output_root / paths.cache_dir at a larger disk."
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Fix the permissions of {folder}, or point paths.output_root / paths.cache_dir at a writable dir."
+    if err.errno == errno.ENOENT:
+        return (f"A file or folder under {folder} vanished while it was being written: another process is writing "
+                f"there too (two jobs on one run dir?), or something deleted it. Let one job write there at a time.")
+    return f"Check the disk and the file system of {folder}."
+
+
 class LdmUsersError(Exception):
     """Base class: the message names the file or config key and the fix."""
 
@@ -21,6 +34,10 @@ class DataError(LdmUsersError):
 
 class CheckpointError(LdmUsersError):
     pass
+
+
+class WriteConflict(LdmUsersError):
+    """A file vanished while it was being written: another process writes to the same place."""
 
 
 def exit_on_user_error(fn):
@@ -42,8 +59,8 @@ def exit_on_user_error(fn):
         except OSError as err:
             if err.errno not in _DISK_ERRORS:
                 raise
-            print(f"error: {err.strerror}: {err.filename or '(no file name)'}. Free disk space or fix the "
-                  "permissions, or point paths.output_root / paths.cache_dir elsewhere.", file=sys.stderr)
+            where = err.filename or "(no file name)"
+            print(f"error: {err.strerror}: {where}. {os_error_fix(err, where)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

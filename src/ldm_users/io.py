@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file
 
-from ldm_users.errors import CheckpointError, DataError
+from ldm_users.errors import CheckpointError, DataError, WriteConflict, os_error_fix
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,20 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, keep_existin
     if directory:
         replace_dir(tmp, target)
     else:
-        os.replace(tmp, target)
+        _rename(tmp, target)
         fsync_dir(target.parent)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """os.replace; a source that vanished meanwhile is reported as what it means (another process writing the same
+    files, or deleting them), not as a missing file or a full disk."""
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError as err:
+        if os.path.lexists(src):
+            raise
+        raise WriteConflict(f"could not move {src} into place as {dst.name}: it is gone. "
+                            f"{os_error_fix(err, dst.parent)}") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -101,8 +113,8 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     if final.exists():
         old = final.with_name(f".trash-{os.getpid()}-{final.name}")
         _remove(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
+        _rename(final, old)
+    _rename(tmp, final)
     fsync_dir(final.parent)
     if old is not None:
         _remove(old)
@@ -174,6 +186,34 @@ def _size(n: float) -> str:
     while n >= 1000 and i < len(units) - 1:
         n, i = n / 1000, i + 1
     return f"{n:.1f} {units[i]}"
+
+
+def tensor_file_damage(path: str | os.PathLike) -> str | None:
+    """Why the safetensors file `path` is not whole, read from its header and size alone (no tensor is read);
+    None when it is. Catches truncation, an empty file and a foreign format, cheaply enough to check every
+    checkpoint of a run."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or length > size - 8:
+                return f"{path.name} is truncated or not safetensors ({size:,} bytes, no complete header)"
+            header = json.loads(f.read(length))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except OSError as err:
+        return f"{path.name} cannot be read ({err.strerror or err})"
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return f"{path.name} is not safetensors (unreadable header)"
+    expected = 8 + length + end
+    if size < expected:
+        return f"{path.name} is truncated ({size:,} of {expected:,} bytes)"
+    if size > expected:
+        return f"{path.name} is damaged ({size:,} bytes where its header says {expected:,})"
+    return None
 
 
 def read_tensors(path: str | os.PathLike) -> dict:

@@ -8,6 +8,7 @@ Writes metrics.json and grid.png into the Hydra run dir (one per job in a multir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ldm_users.evaluation.provenance import adopt_trained_settings, trained_iden
 from ldm_users.formatting import fmt
 from ldm_users.inference.export import write_model_card
 from ldm_users.inference.loading import adopt_run_sampler, resolve_export
+from ldm_users.run_lock import hold_run_dir
 from ldm_users.runtime import is_multirun, output_dir, override_dirname, task_overrides
 from ldm_users.tracking import make_tracker
 
@@ -80,7 +82,12 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    run(cfg, output_dir(), task_overrides())
+    # Evaluating a run's own export writes into that run (its W&B run, the export's model card): one writer there
+    # at a time, as for ldm-train, which refuses or is refused the same way.
+    run_dir = trained_run_dir(resolve_export(cfg.export_path, "export_path"))
+    writes_there = run_dir is not None and not is_multirun()
+    with hold_run_dir(run_dir, "ldm-eval") if writes_there else contextlib.nullcontext():
+        run(cfg, output_dir(), task_overrides())
 
 
 if __name__ == "__main__":

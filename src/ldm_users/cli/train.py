@@ -16,6 +16,7 @@ from ldm_users.data.loading import bind_num_users, prepare_dataset
 from ldm_users.distributed import bind_global_batch, launcher_job
 from ldm_users.errors import ConfigError, exit_on_user_error
 from ldm_users.evaluation.evaluate import evaluate_after_training
+from ldm_users.run_lock import LOCK_FILE, hold_run_dir
 from ldm_users.runtime import output_dir
 from ldm_users.sweep import run_job
 from ldm_users.tracking import make_tracker
@@ -32,7 +33,8 @@ def refuse_to_split_an_old_run(cfg: DictConfig, run_dir: Path) -> None:
     """An existing run under its old-style dir name (`experiment=smoke`) would silently restart here: say how to
     move it instead (once moved, train.resume=auto continues it)."""
     old = old_style_run_dir(run_dir)
-    fresh = all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())  # only what Hydra just wrote
+    # Only what Hydra and this job just wrote (its config and log, and the run dir's lock).
+    fresh = all(p.name in (".hydra", LOCK_FILE) or p.suffix == ".log" for p in run_dir.iterdir())
     if old is not None and fresh and str(cfg.train.resume) == "auto":
         new, old = shlex.quote(str(run_dir)), shlex.quote(str(old))
         raise ConfigError(f"this run is in its old-style dir {old}; run dirs are now named without '=' and ','. "
@@ -109,7 +111,8 @@ def main(cfg: DictConfig) -> float | None:
     # A submitit job (hydra/launcher=slurm|local) of several tasks is one training over all of them.
     # The return value is the objective of a hyperparameter search (ldm_users.hpo); Hydra ignores it otherwise.
     hpo.check(cfg)
-    with launcher_job():
+    # One writer per run dir: a second ldm-train on it refuses before writing anything (status.json included).
+    with launcher_job(), hold_run_dir(output_dir(), "ldm-train"):
         return hpo.objective(cfg, run_job(run, cfg, output_dir()))
 
 

@@ -2,7 +2,8 @@
 
 A stage hands over its step (training/steps.py) and its hooks; the runner does the rest the same way for both:
 
-- resume from the latest complete checkpoint (`train.resume`), refusing one of another user map or model;
+- resume from the latest complete checkpoint (`train.resume`), setting damaged ones aside and refusing one of
+  another user map or model;
 - every step: the step object, then bad-step bookkeeping (a skipped step counts towards `max_bad_steps` in a
   row and stays out of the logged means);
 - every `log_interval` steps: means over the good steps since the last log (loss, grad norm), LR, images/s,
@@ -32,7 +33,7 @@ from ldm_users.training import checkpoint as ckpt
 from ldm_users.training.clock import TrainingClock, snapshot_name
 from ldm_users.training.common import DataOrder
 from ldm_users.training.nonfinite import BadStepCounter
-from ldm_users.training.resume import resolve_resume, write_run_meta
+from ldm_users.training.resume import restore, write_run_meta
 from ldm_users.training.signals import interrupted, stop_requested
 from ldm_users.training.steps import StepResult
 
@@ -101,13 +102,18 @@ class StageRunner:
     def resume(self) -> int:
         """Restore the latest (or the given) checkpoint of this stage; returns the step to start at."""
         stage = self.stage
-        self.last_checkpoint = resolve_resume(self.cfg, self.checkpoints, self.users, stage=stage.name)
-        if self.last_checkpoint is None:
+
+        def load(folder: Path) -> dict:  # all of it: a damaged EMA file makes the checkpoint damaged too
+            state = ckpt.load_checkpoint(self.accelerator, folder)
+            stage.hooks.resumed(folder)
+            return state
+
+        found = restore(self.cfg, self.checkpoints, self.users, stage.name, stage.label, load, self.accelerator)
+        if found is None:
             return 0
-        state = ckpt.load_checkpoint(self.accelerator, self.last_checkpoint)
+        self.last_checkpoint, state = found
         start = state["step"]
         self.clock.restore(state)  # the training clock goes on from where it was saved
-        stage.hooks.resumed(self.last_checkpoint)
         log.info("%s: resumed from %s at step %d", stage.label, self.last_checkpoint, start)
         return start
 
