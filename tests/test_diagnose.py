@@ -22,8 +22,8 @@ from ldm_users.perf.memory_model import (
     verdict,
 )
 
-# Exact counts with the shipped configs (data.num_users=31 default, 128 px, kl_128). The planning notes'
-# "~200M" medium UNet is 139.7M; the issue's table: unet_medium 139.7M, unet_light 35.0M, unet_sd 859.5M, dit 138.5M.
+# Exact counts with the shipped configs (data.num_users=31 default, 128 px, kl_128): unet_medium 139.7M, unet_light
+# 35.0M, unet_sd 859.5M, dit 138.5M (the sizes conf/model/*.yaml state).
 EXPECTED = {
     "unet_medium": (139_680_132, 17_408),
     "unet_light": (34_966_724, 8_704),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldm_users.data.synthetic import oracle_predict
 from ldm_users.evaluation.classifier import holdout_split, load_or_train
 from ldm_users.evaluation.evaluate import compute_metrics
 
@@ -30,7 +31,7 @@ def judge(session_cache):
 
 def _score(judge, images, labels):
     cfg, dataset, clf = judge
-    return compute_metrics(clf, dataset, np.asarray(images), np.asarray(labels), cfg.eval, oracle=True)
+    return compute_metrics(clf, dataset, np.asarray(images), np.asarray(labels), cfg.eval, oracle=oracle_predict)
 
 
 def _holdout(judge):

@@ -27,7 +27,7 @@ from ldm_users.pipeline import UserLDMPipeline
 from tests.helpers import REPO, compose
 
 CHILD = REPO / "tests" / "diffusers_only_child.py"
-SHIPPED = ["pipeline_user_ldm.py", "denoiser.py", "condition.py", "user_encoder/condition.py"]
+SHIPPED = ["pipeline_user_ldm.py", "denoiser.py", "families.py", "flux.py", "condition.py", "user_encoder/condition.py"]
 CALL = {"users": ["user_00", "user_01"], "num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "np"}
 
 

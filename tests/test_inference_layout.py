@@ -1,4 +1,4 @@
-"""The layout rules that keep exports self-contained and inference independent of training (issue 11)."""
+"""The layout rules that keep exports self-contained and inference independent of training."""
 
 from __future__ import annotations
 

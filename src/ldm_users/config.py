@@ -10,7 +10,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.runtime import hydra_config, is_multirun
 
@@ -24,12 +24,6 @@ def config_dir() -> str:
     if repo.is_dir():
         return str(repo)
     raise FileNotFoundError(f"no config folder found at {packaged} or {repo}")
-
-
-def _latent_size(resolution, down_block_types) -> int:
-    # Each down block but the last halves the image: 128 px with 3 blocks -> 32x32 latents.
-    num_down = len(down_block_types) if isinstance(down_block_types, (list, ListConfig)) else int(down_block_types)
-    return int(resolution) // 2 ** (num_down - 1)
 
 
 # A run dir name is made of what an unquoted value of a Hydra override (its grammar's ID and unquoted characters)
@@ -67,14 +61,36 @@ def old_style_run_dir(run_dir: Path) -> Path | None:
     return old if old != Path(run_dir) and old.is_dir() else None
 
 
-def _packed_channels(latent_channels) -> int:
-    # Flux packs each 2x2 patch of latents into one token: 4 latent channels -> 16 features per token.
-    return int(latent_channels) * 4
+def _latent_size(resolution, down_block_types) -> int:
+    from ldm_users.pipeline.families import latent_size  # imported when a config first resolves it
+
+    return latent_size(resolution, list(down_block_types))
+
+
+def _family(target: str):
+    from ldm_users.models.build import target_family
+
+    return target_family(str(target))
+
+
+def _objective(target: str) -> str | None:
+    from ldm_users.errors import ConfigError
+
+    try:
+        return _family(target).objective
+    except ConfigError:  # an unknown backbone: the compatibility check names it
+        return None
 
 
 def register_resolvers() -> None:
-    for name, fn in (("ldm_latent_size", _latent_size), ("ldm_packed_channels", _packed_channels),
-                     ("ldm_run_name", run_dir_name)):
+    """${ldm_latent_size:<resolution>,<down blocks>}: the VAE latents' size; ${ldm_input_channels:<backbone
+    _target_>,<latent channels>}: what the backbone's family takes per input position (Flux: a packed patch);
+    ${ldm_objective:<backbone _target_>}: the family's default objective; ${ldm_run_name:...}: run_dir_name."""
+    resolvers = {"ldm_latent_size": _latent_size,
+                 "ldm_input_channels": lambda target, channels: _family(target).input_channels(int(channels)),
+                 "ldm_objective": _objective,
+                 "ldm_run_name": run_dir_name}
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

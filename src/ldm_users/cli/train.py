@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ldm_users import hpo
+from ldm_users import hpo, layout
 from ldm_users.compat import assert_compatible
 from ldm_users.config import config_dir, old_style_run_dir
 from ldm_users.data.loading import bind_num_users, prepare_dataset
@@ -34,7 +34,7 @@ def refuse_to_split_an_old_run(cfg: DictConfig, run_dir: Path) -> None:
     move it instead (once moved, train.resume=auto continues it)."""
     old = old_style_run_dir(run_dir)
     # Only what Hydra and this job just wrote (its config and log, and the run dir's lock).
-    fresh = all(p.name in (".hydra", LOCK_FILE) or p.suffix == ".log" for p in run_dir.iterdir())
+    fresh = all(p.name in (layout.HYDRA_DIR, LOCK_FILE) or p.suffix == ".log" for p in run_dir.iterdir())
     if old is not None and fresh and str(cfg.train.resume) == "auto":
         new, old = shlex.quote(str(run_dir)), shlex.quote(str(old))
         raise ConfigError(f"this run is in its old-style dir {old}; run dirs are now named without '=' and ','. "
@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> dict:
         # Files skipped as unusable (data.strict=false) when the dataset was prepared, counted where runs are compared.
         tracker.set_summary({"data/skipped_files": len(dataset.skipped), "data/images": len(dataset),
                              "data/users": dataset.num_users})
-        vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else run_dir / "vae" / "final"
+        vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else layout.vae_final(run_dir)
         if stage in ("vae", "all") and not cfg.get("vae_path"):
             if (vae_dir / "config.json").exists() and stage == "all":
                 log.info("VAE: using the finished VAE in %s", vae_dir)

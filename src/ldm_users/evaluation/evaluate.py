@@ -5,7 +5,7 @@ Every number lands in one flat dict (metrics.json), self-describing (export, sam
 sweep's jobs can be tabled side by side. Keys:
   user_acc/top1, user_acc/top5 (top-k with k = min(5, users)), user_acc/chance, confusion/top_pairs,
   classifier/holdout_top1 ...  the judge's own accuracy on real images it never saw,
-  oracle/top1, oracle/real_holdout_top1  (synthetic data only; null otherwise),
+  oracle/top1, oracle/real_holdout_top1  (datasets with a rule-based judge, data.oracle; null otherwise),
   fd/classifier, fd/classifier_per_user_mean, fd/classifier_real_holdout (a real-vs-real yardstick),
   fd/inception (standard FID; null without eval.inception_weights), kid/classifier, kid/classifier_std,
   diversity/generated, diversity/real, diversity/ratio (~1 healthy, near 0 = mode collapse), diversity/min_ratio,
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldm_users.data.folder import PreparedDataset, to_model_range
 from ldm_users.data.loading import prepare_dataset
-from ldm_users.data.synthetic import oracle_predict
 from ldm_users.errors import ConfigError
 from ldm_users.evaluation import metrics as M
 from ldm_users.evaluation.classifier import TrainedClassifier, load_or_train, resize_for
@@ -67,7 +67,7 @@ def check_matches(pipe, dataset: PreparedDataset) -> None:
                           f"{dataset.num_users} ({', '.join(dataset.users[:4])}...) at data.root={dataset.folder}: "
                           f"pass the data settings the model was trained with (e.g. data.num_users=..., "
                           f"data.images_per_user=..., data.resolution=..., or data=folder data.data_dir=...).")
-    size = pipe.latent_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = pipe.image_size
     if size != dataset.resolution:
         raise ConfigError(f"the model generates {size}px images but data.resolution={dataset.resolution}: "
                           f"set data.resolution={size} (the resolution it was trained at).")
@@ -151,17 +151,23 @@ def save_grid(generated: np.ndarray, gen_labels: np.ndarray, dataset: PreparedDa
     return path
 
 
-def _oracle_metrics(out: dict, dataset: PreparedDataset, generated, gen_labels, held) -> np.ndarray:
-    """The synthetic dataset's rule-based user detector on the generated and the held-out real images; returns
+def _oracle_metrics(out: dict, dataset: PreparedDataset, generated, gen_labels, held, oracle) -> np.ndarray:
+    """The dataset's rule-based user detector (data.oracle) on the generated and the held-out real images; returns
     whether it agrees with each generated image's user."""
-    oracle_gen = oracle_predict(generated, dataset.num_users) == gen_labels
+    oracle_gen = oracle(generated, dataset.num_users) == gen_labels
     out["oracle/top1"] = float(oracle_gen.mean())
     out["oracle/real_holdout_top1"] = None
     if len(held):
         real_held = np.asarray(dataset.images[np.sort(held)])
         truth = dataset.labels.numpy()[held]
-        out["oracle/real_holdout_top1"] = float((oracle_predict(real_held, dataset.num_users) == truth).mean())
+        out["oracle/real_holdout_top1"] = float((oracle(real_held, dataset.num_users) == truth).mean())
     return oracle_gen
+
+
+def dataset_oracle(cfg: DictConfig):
+    """The data module's judge (`data.oracle`, a partial `_target_`), or None."""
+    node = cfg.data.get("oracle")
+    return instantiate(node) if node is not None else None
 
 
 def _spread_ratio(gen, real) -> float:
@@ -204,8 +210,9 @@ def _per_user_metrics(out: dict, names: list[str], feats, pixels, labels, correc
 
 
 def compute_metrics(clf: TrainedClassifier, dataset: PreparedDataset, generated: np.ndarray, gen_labels: np.ndarray,
-                    ecfg, oracle: bool) -> dict:
-    """Everything that needs only the classifier and the images (no model, no Inception)."""
+                    ecfg, oracle=None) -> dict:
+    """Everything that needs only the classifier and the images (no model, no Inception). `oracle`: the dataset's
+    rule-based judge, (images, num_users) -> user ids, when it has one."""
     names, num_users = dataset.users, dataset.num_users
     real_labels = dataset.labels.numpy()
     real_feats = clf.real_features
@@ -236,7 +243,7 @@ def compute_metrics(clf: TrainedClassifier, dataset: PreparedDataset, generated:
                                          if len(held) >= 2 else None)
     out["kid/classifier"], out["kid/classifier_std"] = kid_mean, kid_std
 
-    oracle_gen = _oracle_metrics(out, dataset, generated, gen_labels, held) if oracle else None
+    oracle_gen = _oracle_metrics(out, dataset, generated, gen_labels, held, oracle) if oracle else None
     if oracle_gen is None:
         out["oracle/top1"] = out["oracle/real_holdout_top1"] = None
     real_pixels, nn_real = _real_pixel_nn(dataset, clf.folder)
@@ -290,7 +297,7 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
         name = OmegaConf.select(cfg, f"{key}.name", default=None)
         if name:
             metrics[key] = str(name)
-    metrics.update(compute_metrics(clf, dataset, generated, gen_labels, ecfg, oracle=cfg.data.name == "synthetic"))
+    metrics.update(compute_metrics(clf, dataset, generated, gen_labels, ecfg, oracle=dataset_oracle(cfg)))
 
     weights = ecfg.get("inception_weights")
     metrics["inception_weights"] = str(weights) if weights else None

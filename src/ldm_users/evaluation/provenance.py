@@ -1,8 +1,8 @@
 """Which trained run an export came from, so an evaluation is named, grouped and filed with its model.
 
-An export inside a run dir (`<run>/export`) belongs to that run: its `.hydra/config.yaml` says what was trained
-(model, vae, hardware, data, train), its `metrics.jsonl` which W&B group it is in, its `wandb_run.json` which W&B run.
-An export elsewhere carries the same settings in its own `training_config.yaml`.
+What was trained (model, vae, hardware, data, train) is the export's own `training_config.yaml`, the config as the
+run left it (layout.trained_config_file says why that snapshot). An export inside a run dir (`<run>/export`) also
+belongs to that run: its `metrics.jsonl` says which W&B group it is in, its `wandb_run.json` which W&B run.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldm_users import layout
 from ldm_users.errors import ConfigError
-from ldm_users.inference.export import TRAINING_CONFIG_FILE
+from ldm_users.inference.loading import training_config
 from ldm_users.tracking import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
@@ -22,19 +23,7 @@ log = logging.getLogger(__name__)
 ADOPTED = ("data", "model", "vae", "hardware", "train", "seed")
 
 
-def trained_run_dir(export: Path) -> Path | None:
-    """The ldm-train run dir an export sits in, or None."""
-    export = Path(export)
-    run_dir = export.parent
-    return run_dir if export.name == "export" and (run_dir / ".hydra" / "config.yaml").exists() else None
-
-
-def trained_config(export: Path) -> DictConfig | None:
-    run_dir = trained_run_dir(export)
-    for path in ((run_dir / ".hydra" / "config.yaml") if run_dir else None, Path(export) / TRAINING_CONFIG_FILE):
-        if path is not None and path.exists():
-            return OmegaConf.load(path)
-    return None
+trained_run_dir = layout.run_of_export  # the ldm-train run dir an export sits in, or None
 
 
 def trained_identity(export: Path) -> dict:
@@ -57,17 +46,19 @@ TRUSTED_GENERATORS = ("ldm_users.data.",)
 
 
 def _refuse_foreign_generator(cfg: DictConfig, export: Path) -> None:
-    target = OmegaConf.select(cfg, "data.generate._target_", default=None)
-    if target is not None and not str(target).startswith(TRUSTED_GENERATORS):
-        raise ConfigError(f"{export}: its training config names data.generate._target_={target}, which is not one of "
-                          f"ldm-users' dataset generators; ldm-eval will not run it. Evaluate it with your own data "
-                          f"settings (data=folder data.data_dir=...).")
+    # The data module's code ldm-eval runs: its generator and its judge (data.oracle).
+    for key in ("data.generate._target_", "data.oracle._target_"):
+        target = OmegaConf.select(cfg, key, default=None)
+        if target is not None and not str(target).startswith(TRUSTED_GENERATORS):
+            raise ConfigError(f"{export}: its training config names {key}={target}, which is not one of ldm-users' "
+                              f"dataset generators; ldm-eval will not run it. Evaluate it with your own data "
+                              f"settings (data=folder data.data_dir=...).")
 
 
 def adopt_trained_settings(cfg: DictConfig, export: Path, overrides: list[str]) -> DictConfig | None:
     """Take the trained run's data (unless the command line sets data) and the settings that describe the model
     into `cfg`, so the evaluation is judged on the right data and named, tagged and reported by what was trained."""
-    trained = trained_config(export)
+    trained = training_config(export)
     if trained is None:
         log.warning("eval: %s carries no training config: evaluating with the data settings given here.", export)
         return None
@@ -81,7 +72,7 @@ def adopt_trained_settings(cfg: DictConfig, export: Path, overrides: list[str]) 
                 # The same option of the group: keys added to it since that run (e.g. data.generate) keep their
                 # defaults.
                 value = OmegaConf.merge(current, value)
-            cfg[key] = value  # interpolations (paths.cache_dir ...) resolve against this config
+            cfg[key] = value  # as the run resolved it (its data.root, its data.num_users)
     _refuse_foreign_generator(cfg, export)
     log.info("eval: settings of the trained run (model=%s, data=%s)", OmegaConf.select(cfg, "model.name"),
              OmegaConf.select(cfg, "data.name"))

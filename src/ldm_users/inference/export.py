@@ -24,20 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_users import io
 from ldm_users.config import to_container
 from ldm_users.inference.model_card import SAMPLES_FILE, render_card
-from ldm_users.pipeline import UserDenoiser, UserLDMPipeline, kind_of
-
-TRAINING_CONFIG_FILE = "training_config.yaml"
+from ldm_users.layout import MODEL_INDEX, TRAINING_CONFIG_FILE, USERS_FILE
+from ldm_users.pipeline import FAMILIES, UserDenoiser, UserLDMPipeline, family_of
 
 
 def make_pipeline(vae, denoiser: UserDenoiser, scheduler, users: list[str],
                   latent_size: int | None = None) -> UserLDMPipeline:
-    """A pipeline sharing the given modules (no copies): a UNet goes in the `unet` slot with its user encoder,
-    transformers in the `transformer` slot. Flux's latent size goes in the pipeline's config (its own has none)."""
-    if denoiser.kind == "flux" and latent_size is None:
-        raise ValueError("a Flux pipeline needs the latent size it samples at (make_pipeline's latent_size).")
-    slot = "unet" if denoiser.kind == "unet" else "transformer"
+    """A pipeline sharing the given modules (no copies), the backbone in its family's slot (`unet` or
+    `transformer`). `latent_size` goes in the pipeline's config for families whose backbone config has none."""
+    family = denoiser.family
     return UserLDMPipeline(vae=vae, scheduler=scheduler, user_encoder=denoiser.condition, user_names=users,
-                           sample_size=latent_size if denoiser.kind == "flux" else None, **{slot: denoiser.backbone})
+                           sample_size=family.pipeline_sample_size(latent_size), **{family.slot: denoiser.backbone})
 
 
 def _copy_module(source: Path, folder: Path) -> str:
@@ -51,24 +48,25 @@ def _copy_module(source: Path, folder: Path) -> str:
 def ship_code(pipe, folder: Path) -> None:
     """Put the pipeline's code and its custom components' code in the export and name them in model_index.json,
     so that diffusers loads them with trust_remote_code=True (components of diffusers itself stay as they are)."""
-    index = json.loads((folder / "model_index.json").read_text())
+    index = json.loads((folder / MODEL_INDEX).read_text())
     index["_class_name"] = [_copy_module(Path(inspect.getfile(type(pipe))), folder), type(pipe).__name__]
     for name, component in pipe.components.items():
         if component is None or type(component).__module__.split(".")[0] == "diffusers":
             continue
         module = _copy_module(Path(inspect.getfile(type(component))), folder / name)
         index[name] = [module, type(component).__name__]
-    io.write_json(folder / "model_index.json", index)
+    io.write_json(folder / MODEL_INDEX, index)
 
 
 def write_model_card(export: Path, metrics: dict | None = None) -> Path:
     """(Re)write the export's README.md from what the folder holds, with `metrics` (ldm-eval's) when given."""
     export = Path(export)
-    index = json.loads((export / "model_index.json").read_text())
-    backbone = (index.get("unet") if (index.get("unet") or [None])[0] else index["transformer"])[1]
-    users = json.loads((export / "users.json").read_text())["users"]
-    card = render_card(OmegaConf.load(export / TRAINING_CONFIG_FILE), users, backbone, kind_of(backbone), metrics,
-                       samples=(export / SAMPLES_FILE).exists())
+    index = json.loads((export / MODEL_INDEX).read_text())
+    slots = {family.slot for family in FAMILIES.values()}
+    backbone = next(index[slot][1] for slot in sorted(slots) if (index.get(slot) or [None])[0])
+    users = json.loads((export / USERS_FILE).read_text())["users"]
+    card = render_card(OmegaConf.load(export / TRAINING_CONFIG_FILE), users, backbone, family_of(backbone).name, metrics,
+                       samples=(export / SAMPLES_FILE).exists(), export=export)
     return io.write_text(export / "README.md", card)
 
 
@@ -77,7 +75,7 @@ def export_pipeline(pipe: UserLDMPipeline, out_dir: Path, training_cfg: DictConf
     with io.atomic_path(out_dir, directory=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         ship_code(pipe, tmp)
-        io.write_json(tmp / "users.json", {"users": pipe.user_names})
+        io.write_json(tmp / USERS_FILE, {"users": pipe.user_names})
         OmegaConf.save(OmegaConf.create(to_container(training_cfg)), tmp / TRAINING_CONFIG_FILE)
         if grid is not None and Path(grid).exists():
             shutil.copyfile(grid, tmp / SAMPLES_FILE)

@@ -15,7 +15,8 @@ from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import ConfigError
-from ldm_users.inference.export import TRAINING_CONFIG_FILE, make_pipeline
+from ldm_users import layout
+from ldm_users.inference.export import make_pipeline
 from ldm_users.inference.samplers import adopt_recorded_sampler, make_scheduler, training_noise_scheduler, use_sampler
 from ldm_users.io import read_tensors
 from ldm_users.models.build import build_denoiser, latent_shape
@@ -29,13 +30,9 @@ def resolve_export(path, key: str = "model_path") -> Path:
     path = Path(str(path))
     if not path.exists():
         raise ConfigError(f"{key}={path} does not exist: give an export dir, a run dir or a checkpoint dir.")
-    if (path / "export" / "model_index.json").exists():
-        return path / "export"
+    if layout.is_export(layout.export_dir(path)):
+        return layout.export_dir(path)
     return path
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "trainer_state.json").exists() and (path / "config.yaml").exists()
 
 
 def load_frozen_vae(vae_dir, device, dtype=torch.float32) -> AutoencoderKL:
@@ -44,11 +41,10 @@ def load_frozen_vae(vae_dir, device, dtype=torch.float32) -> AutoencoderKL:
 
 
 def training_config(model_path) -> DictConfig | None:
-    """The config the model at `model_path` was trained with: a checkpoint's config.yaml or an export's
-    training_config.yaml (None for exports written before it existed)."""
-    path = resolve_export(model_path)
-    saved = path / ("config.yaml" if _is_checkpoint(path) else TRAINING_CONFIG_FILE)
-    return OmegaConf.load(saved) if saved.exists() else None
+    """The config the model at `model_path` (an export, a run dir or a checkpoint) was trained with
+    (layout.trained_config_file: the snapshot written during the run); None when nothing records it."""
+    saved = layout.trained_config_file(resolve_export(model_path))
+    return OmegaConf.load(saved) if saved is not None and saved.exists() else None
 
 
 def recorded_sampling(model_path) -> tuple[DictConfig | None, dict | None]:
@@ -64,15 +60,16 @@ def recorded_sampling(model_path) -> tuple[DictConfig | None, dict | None]:
 
 
 def _load_checkpoint_pipeline(checkpoint: Path, use_ema: bool) -> UserLDMPipeline:
-    cfg = OmegaConf.load(checkpoint / "config.yaml")
-    users = json.loads((checkpoint / "users.json").read_text())["users"]
-    vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else checkpoint.parents[2] / "vae" / "final"
+    cfg = OmegaConf.load(checkpoint / layout.CONFIG_FILE)
+    users = json.loads((checkpoint / layout.USERS_FILE).read_text())["users"]
+    # <run>/ldm/checkpoints/checkpoint-<step>: the run dir is three folders up
+    vae_dir = Path(cfg.vae_path) if cfg.get("vae_path") else layout.vae_final(checkpoint.parents[2])
     if not (vae_dir / "config.json").exists():
         raise ConfigError(f"checkpoint {checkpoint} needs its VAE, expected at {vae_dir}; sample from the run's "
                           f"export instead, or keep the run dir together.")
     denoiser = build_denoiser(cfg, users)
-    weights = checkpoint / ("ema.safetensors" if use_ema and (checkpoint / "ema.safetensors").exists()
-                            else "model.safetensors")
+    weights = checkpoint / (layout.EMA_FILE if use_ema and (checkpoint / layout.EMA_FILE).exists()
+                            else layout.WEIGHTS_FILE)
     state = read_tensors(weights)
     missing, unexpected = denoiser.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -91,9 +88,9 @@ def load_pipeline(model_path, use_ema: bool = True, sampler: DictConfig | None =
     without, with the sampler the model was trained with.
     """
     path = resolve_export(model_path)
-    if (path / "model_index.json").exists():
+    if layout.is_export(path):
         pipe = UserLDMPipeline.from_pretrained(path)  # builds components from installed code only
-    elif _is_checkpoint(path):
+    elif layout.is_checkpoint(path):
         pipe = _load_checkpoint_pipeline(path, use_ema)
     else:
         raise ConfigError(f"model_path={path} is neither an export (model_index.json), a run dir with export/, nor "

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import ConfigError
 from ldm_users.inference.fast_sampling import use_fast_sampling
+from ldm_users.pipeline.families import is_flow_matching
 
 
 def scheduler_class(target: str, key: str) -> type:
@@ -65,12 +66,6 @@ def make_scheduler(sampler_cfg: DictConfig, noise_scheduler_config):
                           f"{'flow matching' if trained_flow else 'diffusion'}: use "
                           f"{'sampler=flow_euler' if trained_flow else 'sampler=ddim (or another diffusion sampler)'}.")
     return scheduler
-
-
-def is_flow_matching(scheduler_config) -> bool:
-    """A flow-matching scheduler's config (FlowMatchEulerDiscreteScheduler's family: it steps along a velocity; the
-    others along a noise or v prediction, over betas). A model trained with one cannot be sampled by the other."""
-    return "use_dynamic_shifting" in scheduler_config and "beta_schedule" not in scheduler_config
 
 
 def use_sampler(pipe, sampler_cfg: DictConfig, noise_scheduler_config) -> None:

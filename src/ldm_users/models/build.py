@@ -7,33 +7,41 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm_users.errors import ConfigError
 
-from ldm_users.pipeline.denoiser import KINDS, UserDenoiser, kind_of
+from ldm_users.pipeline.denoiser import UserDenoiser
+from ldm_users.pipeline.families import FAMILIES, Family, family_of, latent_size
 
-# hardware.attention -> diffusers' attention-dispatch backend, for models (Flux) whose processors use it.
-FLUX_BACKENDS = {"sdpa": "native", "eager": "_native_math", "xformers": "xformers"}
+# hardware.attention -> diffusers' attention-dispatch backend, for families (Flux) whose processors use it.
+DISPATCH_BACKENDS = {"sdpa": "native", "eager": "_native_math", "xformers": "xformers"}
+
+
+def model_family(cfg: DictConfig) -> Family:
+    """The backbone family of `model.denoiser._target_`'s class (pipeline/families.py)."""
+    return target_family(str(OmegaConf.select(cfg, "model.denoiser._target_", default="")))
+
+
+def target_family(target: str) -> Family:
+    """The backbone family of a `_target_`: its class name, or the classes it derives from."""
+    try:
+        return family_of(target)
+    except ValueError:  # maybe a subclass of a known backbone: its class knows its bases
+        try:
+            return family_of(get_class(target))
+        except (ImportError, ValueError):
+            raise ConfigError(f"model.denoiser._target_={target} is not a known backbone: use "
+                              f"{', '.join('diffusers.' + name for name in FAMILIES)} or a subclass "
+                              f"(e.g. model=unet_medium).") from None
 
 
 def model_kind(cfg: DictConfig) -> str:
-    """"unet" | "dit" | "flux": the kind of `model.denoiser._target_`'s class (pipeline.denoiser.kind_of)."""
-    target = str(OmegaConf.select(cfg, "model.denoiser._target_", default=""))
-    try:
-        return kind_of(target)
-    except ValueError:  # maybe a subclass of a known backbone: its class knows its bases
-        try:
-            return kind_of(get_class(target))
-        except (ImportError, ValueError):
-            raise ConfigError(f"model.denoiser._target_={target} is not a known backbone: use "
-                              f"{', '.join('diffusers.' + name for name in KINDS)} or a subclass "
-                              f"(e.g. model=unet_medium).") from None
+    """"unet" | "dit" | "flux": the name of the config's backbone family."""
+    return model_family(cfg).name
 
 
 def latent_shape(cfg: DictConfig) -> tuple[int, int, int]:
     """(channels, height, width) of the VAE latents the denoiser works on, whatever the backbone's input layout
     (Flux's input is these latents packed into 2x2 patches)."""
-    from ldm_users.config import _latent_size
-
     vae = cfg.vae.autoencoder
-    size = _latent_size(cfg.data.resolution, vae.down_block_types)
+    size = latent_size(cfg.data.resolution, vae.down_block_types)
     return int(vae.latent_channels), size, size
 
 
@@ -48,11 +56,11 @@ def set_attention(backbone, kind: str) -> None:
 
     if not hasattr(backbone, "set_attn_processor"):
         return
-    if kind_of(backbone) == "flux":  # its processors need the rotary embedding: choose their kernel instead
-        if kind not in FLUX_BACKENDS:
+    if family_of(backbone).attention_dispatch:  # its processors need the rotary embedding: choose their kernel
+        if kind not in DISPATCH_BACKENDS:
             raise ConfigError(f"hardware.attention={kind}: use sdpa, eager or xformers.")
         if kind != "sdpa":  # sdpa is already its default
-            backbone.set_attention_backend(FLUX_BACKENDS[kind])
+            backbone.set_attention_backend(DISPATCH_BACKENDS[kind])
         return
     if kind == "sdpa":
         backbone.set_attn_processor(AttnProcessor2_0())
@@ -67,21 +75,11 @@ def set_attention(backbone, kind: str) -> None:
         raise ConfigError(f"hardware.attention={kind}: use sdpa, eager or xformers.")
 
 
-def time_injection(cfg: DictConfig) -> tuple[dict, dict]:
-    """(denoiser kwargs, condition kwargs) for a UNet whose user also goes into the timestep embedding
-    (model.condition.inject=time|both): diffusers' projection class embedding, fed the encoder's pooled vector,
-    as wide as model.condition.pooled_dim (default model.embed_dim). Derived here so the widths cannot disagree,
-    and absent for inject=cross_attention so no unused weights exist (DDP refuses those)."""
-    cond = cfg.model.get("condition")
-    if cond is None or cond.get("inject", "cross_attention") == "cross_attention" or model_kind(cfg) != "unet":
-        return {}, {}
-    pooled_dim = int(cond.get("pooled_dim") or cfg.model.embed_dim)
-    return ({"class_embed_type": "projection", "projection_class_embeddings_input_dim": pooled_dim},
-            {"pooled_dim": pooled_dim})
-
-
 def build_denoiser(cfg: DictConfig, user_names: list[str] | None = None) -> UserDenoiser:
-    denoiser_extra, condition_extra = time_injection(cfg)
+    """The backbone and user encoder of `model`; what its family derives beyond the config's keys (e.g. a UNet's
+    projection class embedding for model.condition.inject=time|both) is added here."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    denoiser_extra, condition_extra = model_family(cfg).build_kwargs(model)
     backbone = instantiate(cfg.model.denoiser, **denoiser_extra, _convert_="all")
     attention = OmegaConf.select(cfg, "hardware.attention", default=None)
     if attention:

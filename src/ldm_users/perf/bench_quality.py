@@ -25,9 +25,9 @@ from omegaconf import DictConfig
 from ldm_users import io
 from ldm_users.errors import ConfigError
 from ldm_users.formatting import fmt
+from ldm_users.layout import SNAPSHOT_FILE, SNAPSHOTS
 from ldm_users.perf.bench_report import slug
 from ldm_users.training.clock import snapshot_name
-from ldm_users.training.ldm_stage import SNAPSHOT_FILE, SNAPSHOTS
 
 NEVER = 10**9  # an interval that never comes: no periodic grids during a timed run (and no step cap)
 METRICS = ("user_acc/top1", "fd/classifier", "fd/classifier_real_holdout")

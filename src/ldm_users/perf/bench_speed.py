@@ -15,7 +15,8 @@ from ldm_users.inference.export import make_pipeline
 from ldm_users.inference.fast_sampling import resolve_mode, use_fast_sampling
 from ldm_users.inference.samplers import make_scheduler
 from ldm_users.models.build import build_denoiser, build_vae
-from ldm_users.perf.flops import denoiser_train_flops_per_image, peak_flops
+from ldm_users.models.flops import denoiser_train_flops_per_image
+from ldm_users.perf.flops import peak_flops
 from ldm_users.perf.live_memory import PeakMemory
 from ldm_users.perf.memory_model import GIB, latent_shape, placeholder_users, random_latents
 from ldm_users.perf.timing import median, time_calls

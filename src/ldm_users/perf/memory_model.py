@@ -26,7 +26,7 @@ from omegaconf import DictConfig, open_dict
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ldm_users.errors import ConfigError
-from ldm_users.models.build import build_denoiser, build_vae, latent_shape, model_kind
+from ldm_users.models.build import build_denoiser, build_vae, latent_shape, model_family
 from ldm_users.perf.live_memory import PeakMemory
 from ldm_users.training.latent_cache import Augment, LatentCache
 from ldm_users.training.trainer import build_ldm_trainer, reset_accelerator_state
@@ -52,9 +52,11 @@ class Settings:
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Settings:
         hw = cfg.hardware
-        return cls(precision=str(hw.mixed_precision), batch=int(hw.batch_size),
+        from ldm_users.training.common import effective_precision
+
+        return cls(precision=effective_precision(hw), batch=int(hw.batch_size),
                    accum=int(hw.gradient_accumulation_steps), gradient_checkpointing=bool(hw.get("gradient_checkpointing")),
-                   channels_last=bool(hw.get("channels_last")) and model_kind(cfg) == "unet",
+                   channels_last=bool(hw.get("channels_last")) and model_family(cfg).channels_last,
                    fused_adam=bool(hw.get("fused_adam")), ema=bool(cfg.train.ema.enabled))
 
     def apply(self, cfg: DictConfig) -> DictConfig:

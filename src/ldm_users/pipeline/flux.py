@@ -11,24 +11,29 @@ from __future__ import annotations
 
 import torch
 
+# Latents per side of the patch that becomes one token: a token has PATCH * PATCH times the latent channels. The one
+# statement of Flux's packing: families.FluxFamily (channels, config checks) and the config's resolver read it.
+PATCH = 2
+
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch becomes one token (FluxPipeline._pack_latents)."""
     b, c, h, w = latents.shape
-    latents = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # reshape: any memory layout
-    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+    latents = latents.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)  # any layout
+    return latents.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
 
 
 def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, H/2 * W/2, 4C) -> (B, C, H, W) for latent height and width (FluxPipeline._unpack_latents)."""
     b, _, channels = tokens.shape
-    latents = tokens.reshape(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return latents.reshape(b, channels // 4, height, width)
+    c = channels // (PATCH * PATCH)
+    latents = tokens.reshape(b, height // PATCH, width // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, c, height, width)
 
 
 def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     """(H/2 * W/2, 3) position ids of the packed tokens: (0, row, column) (FluxPipeline._prepare_latent_image_ids)."""
-    rows, cols = height // 2, width // 2
+    rows, cols = height // PATCH, width // PATCH
     ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
     ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
     ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
@@ -49,8 +54,9 @@ def flux_forward(backbone, latents: torch.Tensor, timesteps: torch.Tensor, token
     1000 itself, so it gets t / 1000 as FluxPipeline gives it), user tokens (B, T, joint_attention_dim) and pooled
     vector (B, pooled_projection_dim) -> the prediction, (B, C, H, W)."""
     _, _, height, width = latents.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"Flux packs 2x2 latent patches: the latents are {height}x{width}, which is not even.")
+    if height % PATCH or width % PATCH:
+        raise ValueError(f"Flux packs {PATCH}x{PATCH} latent patches: the latents are {height}x{width}, which is not "
+                         f"even.")
     dtype = latents.dtype
     out = backbone(hidden_states=pack_latents(latents), encoder_hidden_states=tokens.to(dtype),
                    pooled_projections=pooled.to(dtype), timestep=timesteps.to(dtype) / 1000,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +23,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .condition import UserConditionEncoder
 from .denoiser import UserDenoiser
-from .flux import resolution_shift
+from .families import downsampling_factor, is_flow_matching
+from .flux import PATCH, resolution_shift
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -53,13 +55,13 @@ def guided(denoiser: UserDenoiser, model_input, timesteps, ids, guidance_scale: 
 def set_timesteps(scheduler, num_inference_steps: int, device, latent_size: int) -> None:
     """The scheduler's timesteps for this many steps. Flow-matching schedulers get FluxPipeline's evenly spaced
     sigmas 1 .. 1/N and, with use_dynamic_shifting, its resolution shift mu for (latent_size/2)^2 image tokens."""
-    if not type(scheduler).__name__.startswith("FlowMatch"):
+    if not is_flow_matching(scheduler):
         scheduler.set_timesteps(num_inference_steps, device=device)
         return
     config = scheduler.config
     mu = None
     if config.get("use_dynamic_shifting"):
-        mu = resolution_shift((latent_size // 2) ** 2, config.get("base_image_seq_len", 256),
+        mu = resolution_shift((latent_size // PATCH) ** 2, config.get("base_image_seq_len", 256),
                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                               config.get("max_shift", 1.15))
     sigmas = [1 - i / num_inference_steps for i in range(num_inference_steps)]  # np.linspace(1, 1/N, N)
@@ -83,8 +85,7 @@ class UserLDMPipeline(DiffusionPipeline):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("UserLDMPipeline needs exactly one of `unet` or `transformer`.")
-        if unet is not None and user_encoder is None:
-            raise ValueError("a UNet pipeline needs its `user_encoder`.")
+        UserDenoiser(unet if unet is not None else transformer, user_encoder)  # the backbone's family checks the pair
         self.register_modules(vae=vae, scheduler=scheduler, unet=unet, transformer=transformer,
                               user_encoder=user_encoder)
         # Flux's config has no input size (it takes any number of tokens): the latent size it was trained at
@@ -94,14 +95,23 @@ class UserLDMPipeline(DiffusionPipeline):
 
     # -- users -------------------------------------------------------------------------------------------
     @property
+    def backbone(self):
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
     def denoiser(self) -> UserDenoiser:
-        return UserDenoiser(self.unet if self.unet is not None else self.transformer, self.user_encoder)
+        return UserDenoiser(self.backbone, self.user_encoder)
 
     @property
     def latent_size(self) -> int:
-        """Height (= width) of the latents it samples: Flux's from the pipeline config, the others' from theirs."""
-        backbone = self.unet if self.unet is not None else self.transformer
-        return int(self.config.get("sample_size") or backbone.config.sample_size)
+        """Height (= width) of the latents it samples: from the pipeline config where the backbone's config has no
+        input size (Flux), else from the backbone's."""
+        return int(self.config.get("sample_size") or self.backbone.config.sample_size)
+
+    @property
+    def image_size(self) -> int:
+        """Height (= width) of the images it generates."""
+        return self.latent_size * downsampling_factor(self.vae.config.down_block_types)
 
     @property
     def user_names(self) -> list[str]:
@@ -164,9 +174,11 @@ class UserLDMPipeline(DiffusionPipeline):
     def __call__(self, users: Sequence[str | int], num_inference_steps: int = 50, guidance_scale: float = 3.0,
                  guidance_rescale: float = 0.0, generator: torch.Generator | None = None, eta: float = 0.0,
                  num_images_per_user: int = 1, batch_size: int | None = None, output_type: str = "pil",
-                 latents: torch.Tensor | None = None, return_dict: bool = True, show_progress: bool = True):
+                 latents: torch.Tensor | None = None, return_dict: bool = True, show_progress: bool | None = None):
         """`num_images_per_user` images for each of `users` (names or indices). output_type: pil | np | pt (images
-        in [-1, 1]) | latent. `guidance_rescale` in [0, 1] (Lin et al. 2023; 0 = off)."""
+        in [-1, 1]) | latent. `guidance_rescale` in [0, 1] (Lin et al. 2023; 0 = off). `show_progress`: the sampling
+        bar; None: as set_progress_bar_config(disable=...) says, else only when stderr is a terminal (in a log
+        file each redraw would be a line)."""
         denoiser = self.denoiser
         backbone = denoiser.backbone
         device = self._execution_device
@@ -182,7 +194,10 @@ class UserLDMPipeline(DiffusionPipeline):
 
         outputs = []
         chunks = list(range(0, len(ids), batch_size))
-        self.set_progress_bar_config(disable=not show_progress)
+        config = getattr(self, "_progress_bar_config", {})  # what the caller set with set_progress_bar_config
+        if show_progress is None:
+            show_progress = not config["disable"] if "disable" in config else sys.stderr.isatty()
+        self.set_progress_bar_config(**{**config, "disable": not show_progress})
         with self.progress_bar(total=len(chunks) * num_inference_steps) as bar:
             for start in chunks:
                 # Reset per chunk: multistep schedulers keep state between steps. The initial sigma (Euler-type

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ldm_users.layout import EVAL_DIR, EVAL_METRICS, HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES
 from ldm_users.sweep import STATUS_FILE
 from ldm_users.tracking import METRICS_FILE, read_metrics
 
-EVAL_FILE = "metrics.json"  # ldm-eval's, in the job dir; ldm-train eval.enabled=true writes it to <run>/eval/
-JOB_MARKERS = (".hydra", METRICS_FILE, EVAL_FILE, STATUS_FILE)
+EVAL_FILE = EVAL_METRICS  # ldm-eval's, in the job dir; ldm-train eval.enabled=true writes it to <run>/eval/
+JOB_MARKERS = (HYDRA_DIR, METRICS_FILE, EVAL_FILE, STATUS_FILE)
 # The loss each training stage logs (metrics.jsonl "log" records of that stage).
 LOSS_KEYS = {"vae": "vae/loss", "ldm": "ldm/loss"}
 # ldm-eval's metrics that are not one number per job (per-user breakdowns, confusions, paths), and the run
@@ -92,7 +93,7 @@ def _load_json(path: Path):
 
 def _hydra_config(job_dir: Path) -> dict:
     # Unresolved (it holds ${...}); only plain values such as model.name are read from it.
-    path = job_dir / ".hydra" / "config.yaml"
+    path = job_dir / HYDRA_CONFIG
     if not path.exists():
         return {}
     try:
@@ -148,14 +149,14 @@ def _state(status: dict, records: list[dict]) -> str:
 
 def _overrides(job_dir: Path, status: dict) -> list[str]:
     overrides = status.get("overrides")
-    if overrides is None and (job_dir / ".hydra" / "overrides.yaml").exists():
-        overrides = OmegaConf.to_container(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
+    if overrides is None and (job_dir / HYDRA_OVERRIDES).exists():
+        overrides = OmegaConf.to_container(OmegaConf.load(job_dir / HYDRA_OVERRIDES))
     return list(overrides or [])
 
 
 def _evaluation(job_dir: Path, config: dict) -> tuple[dict, float | None] | None:
     """(numeric metrics, guidance scale) of the job's metrics.json, None when it was not evaluated."""
-    evaluation = _load_json(job_dir / EVAL_FILE) or _load_json(job_dir / "eval" / EVAL_FILE)
+    evaluation = _load_json(job_dir / EVAL_FILE) or _load_json(job_dir / EVAL_DIR / EVAL_FILE)
     if not isinstance(evaluation, dict):
         return None
     flat = _flatten(evaluation)

@@ -12,6 +12,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
 
 from ldm_users.errors import CheckpointError
+from ldm_users.layout import EMA_FILE
 from ldm_users.training.checkpoint import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def save_ema(folder: Path, ema: EMAModel | None, module: torch.nn.Module) -> Non
     if ema is None:
         return
     names = [n for n, _ in module.named_parameters()]
-    save_tensors(folder / "ema.safetensors", dict(zip(names, ema.shadow_params)))
+    save_tensors(folder / EMA_FILE, dict(zip(names, ema.shadow_params)))
     (folder / "ema_state.json").write_text(
         json.dumps({"optimization_step": int(ema.optimization_step), "decay": ema.decay}))
 
@@ -65,7 +66,7 @@ def save_ema(folder: Path, ema: EMAModel | None, module: torch.nn.Module) -> Non
 def load_ema(folder: Path, ema: EMAModel | None, module: torch.nn.Module) -> None:
     if ema is None:
         return
-    path = folder / "ema.safetensors"
+    path = folder / EMA_FILE
     if not path.exists():
         log.warning("%s has no EMA weights: EMA restarts from the current weights", folder)
         return

@@ -14,15 +14,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ldm_users import io
+from ldm_users import io, layout
 from ldm_users.data.folder import PreparedDataset
 from ldm_users.grid import user_rows_grid
 from ldm_users.inference.export import export_pipeline, make_pipeline
 from ldm_users.inference.loading import load_frozen_vae
 from ldm_users.inference.samplers import call_kwargs, make_scheduler
-from ldm_users.models.build import build_denoiser, count_parameters
-from ldm_users.perf.flops import denoiser_train_flops_per_image
-from ldm_users.perf.memory_model import latent_shape
+from ldm_users.models.build import build_denoiser, count_parameters, latent_shape
+from ldm_users.models.flops import denoiser_train_flops_per_image
 from ldm_users.pipeline import UserLDMPipeline
 from ldm_users.training import latent_cache
 from ldm_users.training.common import global_batch, learning_rate, total_steps
@@ -33,8 +32,6 @@ from ldm_users.training.trainer import LdmTrainer, build_ldm_trainer
 
 log = logging.getLogger(__name__)
 
-SNAPSHOTS = "snapshots"             # <run>/snapshots/<seconds>s: an export each (train.snapshot_at_seconds)
-SNAPSHOT_FILE = "snapshot.json"     # in each: step, train_seconds, images_seen
 
 
 def sample_grid(pipe: UserLDMPipeline, cfg: DictConfig, users: list[str], path: Path, seed: int) -> Path:
@@ -75,7 +72,7 @@ class LdmHooks(StageHooks):
 
     def grid(self, name: str, use_ema: bool = True, export_dir: Path | None = None) -> Path:
         with EMASwap(self.trainer.ema if use_ema else None, self.trainer.unwrapped):
-            grid = sample_grid(self.pipeline(), self.cfg, self.users, self.stage_dir / "samples" / name,
+            grid = sample_grid(self.pipeline(), self.cfg, self.users, self.stage_dir / layout.SAMPLES / name,
                                int(self.cfg.seed))
             if export_dir is not None:
                 export_pipeline(self.pipeline(), export_dir, self.cfg, grid)
@@ -87,9 +84,9 @@ class LdmHooks(StageHooks):
 
     def snapshot(self, name: str, record: dict) -> None:
         """The export as at the end of training (same weights choice, same writer), plus where the clock was."""
-        export_dir = self.stage_dir.parent / SNAPSHOTS / name
+        export_dir = self.stage_dir.parent / layout.SNAPSHOTS / name
         self.grid(f"snapshot-{name}.png", bool(self.cfg.export.get("use_ema", True)), export_dir)
-        io.write_json(export_dir / SNAPSHOT_FILE, record)
+        io.write_json(export_dir / layout.SNAPSHOT_FILE, record)
         log.info("LDM: snapshot %s at step %d (%.1f s of training): %s", name, record["step"],
                  record["train_seconds"], export_dir)
 
@@ -99,17 +96,17 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
               tracker) -> Path | None:
     """Train (or resume) the denoiser; returns the export folder (None when stopped early on purpose)."""
     tcfg = cfg.train
-    stage_dir = run_dir / "ldm"
+    stage_dir = layout.stage_dir(run_dir, layout.LDM_STAGE)
     vae = load_frozen_vae(vae_dir, accelerator.device)
     cache = load_latents(cfg, vae, dataset, accelerator)
     steps = total_steps(tcfg, len(dataset), global_batch(cfg, accelerator))
     trainer = build_ldm_trainer(cfg, accelerator, dataset.users, cache, float(vae.config.scaling_factor), steps)
     scheduler = make_scheduler(cfg.sampler, trainer.noise_scheduler.config)  # grids and export sample with it
-    latent_size = cache.mean.shape[-1]
+    latent_size = latent_shape(cfg)[-1]
     hooks = LdmHooks(cfg, trainer,
                      lambda: make_pipeline(vae, trainer.unwrapped, scheduler, dataset.users, latent_size),
                      dataset.users, stage_dir, tracker)
-    stage = Stage(name="ldm", label="LDM", keys=tcfg, keys_name="train", stage_dir=stage_dir, total_steps=steps,
+    stage = Stage(name=layout.LDM_STAGE, label="LDM", keys=tcfg, keys_name="train", stage_dir=stage_dir, total_steps=steps,
                   batch=int(cfg.hardware.batch_size), step=trainer.step, lr_scheduler=trainer.lr_scheduler,
                   order=trainer.step.order, lr=learning_rate(tcfg, cfg, accelerator), hooks=hooks, time_first_step=trainer.compiled)
     runner = StageRunner(stage, cfg, dataset.users, accelerator, tracker)
@@ -118,7 +115,7 @@ def train_ldm(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, vae_dir:
         return None
     trainer.model.eval()
     runner.save_final()
-    export_dir = run_dir / "export"
+    export_dir = layout.export_dir(run_dir)
     if accelerator.is_main_process:
         use_ema = bool(cfg.export.get("use_ema", True))
         grid = hooks.grid("final.png", use_ema, export_dir if cfg.export.enabled else None)

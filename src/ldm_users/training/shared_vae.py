@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm_users.config import to_container
 from ldm_users.errors import ConfigError
 from ldm_users.io import atomic_path, build_once, write_json
+from ldm_users.layout import vae_final
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def obtain_vae(cfg: DictConfig, run_dir: Path, dataset, accelerator, tracker, tr
     if not share:
         tracker.begin_stage("vae")
         return train()
-    final = Path(run_dir) / "vae" / "final"
+    final = vae_final(run_dir)
     key, ingredients = vae_key(cfg, dataset, accelerator)
     entry = Path(str(cfg.paths.cache_dir)) / "vae" / key
     trained: list[Path] = []

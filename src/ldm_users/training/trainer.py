@@ -62,7 +62,7 @@ def build_ldm_trainer(cfg: DictConfig, accelerator, users: list[str], cache: Lat
     model = build_denoiser(cfg, users)
     if hw.get("gradient_checkpointing"):
         model.backbone.enable_gradient_checkpointing()
-    channels_last = bool(hw.get("channels_last")) and model.kind == "unet"
+    channels_last = bool(hw.get("channels_last")) and model.family.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), learning_rate(tcfg, cfg, accelerator), float(tcfg.weight_decay),

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from PIL import Image
 
-from ldm_users import io
+from ldm_users import io, layout
 from ldm_users.data.folder import PreparedDataset
 from ldm_users.grid import make_grid, to_uint8
 from ldm_users.errors import ConfigError
@@ -180,12 +180,12 @@ def build_vae_step(cfg: DictConfig, dataset: PreparedDataset, accelerator, num_s
 def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelerator, tracker) -> Path:
     """Train (or resume) the VAE; returns the folder of the final `save_pretrained` VAE."""
     tcfg = cfg.vae_train
-    stage_dir = run_dir / "vae"
+    stage_dir = layout.stage_dir(run_dir, layout.VAE_STAGE)
     steps = total_steps(tcfg, len(dataset), global_batch(cfg, accelerator))
     step = build_vae_step(cfg, dataset, accelerator, steps)
     vae = accelerator.unwrap_model(step.model).vae
     hooks = VaeHooks(vae, dataset, stage_dir, accelerator.device, tracker, step.ema)
-    stage = Stage(name="vae", label="VAE", keys=tcfg, keys_name="vae_train", stage_dir=stage_dir, total_steps=steps,
+    stage = Stage(name=layout.VAE_STAGE, label="VAE", keys=tcfg, keys_name="vae_train", stage_dir=stage_dir, total_steps=steps,
                   batch=int(cfg.hardware.batch_size), step=step, lr_scheduler=step.lr_scheduler, order=step.order,
                   lr=learning_rate(tcfg, cfg, accelerator), hooks=hooks)
     runner = StageRunner(stage, cfg, dataset.users, accelerator, tracker)
@@ -195,7 +195,7 @@ def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelera
     vae.eval()
     if step.ema is not None:  # the averaged weights are the ones saved and used
         step.ema.copy_to(vae.parameters())
-    final_dir = stage_dir / "final"
+    final_dir = stage_dir / layout.FINAL
     if accelerator.is_main_process:
         if tcfg.get("train_decoder_only", False):  # the encoder, so the latents and their scale, did not change
             scale = float(vae.config.scaling_factor)
