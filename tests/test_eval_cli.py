@@ -36,6 +36,9 @@ FIELDS = [
     "diversity/generated", "diversity/real", "diversity/ratio", "diversity/min_ratio", "diversity/min_ratio_user",
     "diversity/pixel_ratio", "memorization/nn_dist_generated", "memorization/nn_dist_real", "memorization/ratio",
     "grid", "eval_seconds",
+    "ceiling/psnr", "ceiling/ssim", "ceiling/fd_classifier", "ceiling/kid_classifier", "ceiling/top1", "ceiling/images",
+    "bottleneck/stage", "bottleneck/autoencoder_share", "bottleneck/line", "judge/reliable", "judge/skill",
+    "judge/advice",
 ]
 PER_USER = ["top1", "top5", "fd", "diversity_ratio", "pixel_diversity_ratio", "oracle_top1"]
 

@@ -11,7 +11,9 @@ sweep's jobs can be tabled side by side. Keys:
   diversity/generated, diversity/real, diversity/ratio (~1 healthy, near 0 = mode collapse), diversity/min_ratio,
   diversity/pixel_ratio (the same ratio in pixel space),
   memorization/nn_dist_generated, memorization/nn_dist_real, memorization/ratio (well below 1 = copying),
-  per_user/<user>/{top1,top5,fd,diversity_ratio,pixel_diversity_ratio,oracle_top1}.
+  per_user/<user>/{top1,top5,fd,diversity_ratio,pixel_diversity_ratio,oracle_top1},
+  ceiling/{psnr,ssim,fd_classifier,kid_classifier,top1,images} (the judge's held-out real images through the VAE),
+  bottleneck/{stage,autoencoder_share,line}, judge/{reliable,skill,advice}  (evaluation/diagnosis.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ldm_users.data.loading import prepare_dataset
 from ldm_users.errors import ConfigError
 from ldm_users.evaluation import metrics as M
 from ldm_users.evaluation.classifier import TrainedClassifier, load_or_train, resize_for
+from ldm_users.evaluation.diagnosis import ceiling_metrics, diagnose
 from ldm_users.evaluation.inception import load_inception, weights_key
 from ldm_users.grid import make_grid, to_uint8
 from ldm_users.inference.device import move_pipeline, resolve_device_dtype
@@ -278,6 +281,7 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
                         device, show_progress)
 
     generated, gen_labels = generate_images(pipe, ecfg, cfg.sampler, dataset.num_users, device, dtype, show_progress)
+    ceiling = ceiling_metrics(pipe.vae, clf, dataset, device)  # the autoencoder's best, scored like generated images
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -298,6 +302,8 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
         if name:
             metrics[key] = str(name)
     metrics.update(compute_metrics(clf, dataset, generated, gen_labels, ecfg, oracle=dataset_oracle(cfg)))
+    metrics.update({k: _finite(v) if isinstance(v, float) else v for k, v in ceiling.items()})
+    metrics.update(diagnose(metrics))  # which stage limits quality, and whether the judge can tell
 
     weights = ecfg.get("inception_weights")
     metrics["inception_weights"] = str(weights) if weights else None

@@ -26,6 +26,8 @@ LOSS_KEYS = {"vae": "vae/loss", "ldm": "ldm/loss"}
 # settings it records (guidance scale and steps are columns of their own, not metrics).
 EVAL_NOT_METRICS = ("per_user/", "confusion/")
 EVAL_SETTINGS = ("guidance_scale",)
+# ldm-eval's verdicts that are words or yes/no rather than numbers, kept beside its numeric metrics.
+EVAL_VERDICTS = ("bottleneck/stage", "judge/reliable", "judge/advice")
 # Columns every report has (CSV names); evaluation metrics follow them.
 BASE_COLUMNS = ["job", "name", "status", "model", "hardware", "params_denoiser", "params_user_encoder", "params_vae",
                 "steps", "final_loss", "images_per_sec", "peak_memory_gib"]
@@ -38,7 +40,7 @@ class JobRow:
     columns: dict                       # BASE_COLUMNS, "guidance_scale" for evaluated jobs, "error", "job_dir"
     overrides: list[str] = field(default_factory=list)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # stage -> [(step, loss)] by step
-    evaluation: dict[str, float] = field(default_factory=dict)               # numeric metrics of metrics.json
+    evaluation: dict[str, float] = field(default_factory=dict)               # numeric metrics + verdicts
 
     def value(self, column: str):
         """A column's value, training or evaluation."""
@@ -160,8 +162,8 @@ def _evaluation(job_dir: Path, config: dict) -> tuple[dict, float | None] | None
     if not isinstance(evaluation, dict):
         return None
     flat = _flatten(evaluation)
-    metrics = {k: v for k, v in flat.items() if number(v) is not None and k not in EVAL_SETTINGS
-               and not k.startswith(EVAL_NOT_METRICS)}
+    metrics = {k: v for k, v in flat.items() if (number(v) is not None or (k in EVAL_VERDICTS and v is not None))
+               and k not in EVAL_SETTINGS and not k.startswith(EVAL_NOT_METRICS)}
     # Not in the metrics: the config the evaluation ran with says it.
     scale = _first_number(flat.get("guidance_scale"), (config.get("sampler") or {}).get("guidance_scale"))
     return metrics, scale

@@ -9,12 +9,17 @@ from ldm_users.formatting import fmt
 from ldm_users.reporting.jobs import BASE_COLUMNS, EVAL_FILE, JobRow
 
 # ldm-eval's metrics the markdown table shows (all numeric ones go to the CSV), when the jobs have them.
-HEADLINE_EVAL = ["user_acc/top1", "user_acc/chance", "fd/inception", "fd/classifier", "kid/classifier",
+# The generated FD stands beside the autoencoder's ceiling and the real floor (evaluation/diagnosis.py), with the
+# stage that limits quality and whether the judge can tell.
+HEADLINE_EVAL = ["user_acc/top1", "user_acc/chance", "fd/inception", "fd/classifier", "ceiling/fd_classifier",
+                 "fd/classifier_real_holdout", "bottleneck/stage", "judge/reliable", "kid/classifier",
                  "diversity/ratio", "memorization/ratio"]
 SHOWN_COLUMNS = ["job", "label", "status", "model", "hardware", "params_denoiser", "steps", "final_loss",
                  "images_per_sec", "peak_memory_gib"]
 HEADERS = {"label": "overrides", "params_denoiser": "denoiser params", "final_loss": "final loss",
-           "images_per_sec": "images/s", "peak_memory_gib": "peak GPU mem (GiB)"}
+           "images_per_sec": "images/s", "peak_memory_gib": "peak GPU mem (GiB)",
+           "ceiling/fd_classifier": "ceiling FD (VAE)", "fd/classifier_real_holdout": "real FD (floor)",
+           "bottleneck/stage": "bottleneck", "judge/reliable": "judge reliable"}
 
 
 def varying(rows: list[JobRow]) -> tuple[list[str], list[str]]:
@@ -39,6 +44,18 @@ def write_csv(rows: list[JobRow], path: Path, eval_columns: list[str]) -> Path:
     return path
 
 
+def _weak_judge_lines(rows: list[JobRow], labels: list[str]) -> list[str]:
+    """A note under the table when ldm-eval found its judge weak for some jobs: their accuracy and FD mean little."""
+    weak = [(row, label) for row, label in zip(rows, labels) if row.evaluation.get("judge/reliable") is False]
+    if not weak:
+        return []
+    named = ", ".join(f"{fmt(row.columns.get('job'))} ({label}: held-out top-1 "
+                      f"{fmt(row.evaluation.get('classifier/holdout_top1'), 3)})" for row, label in weak)
+    advice = next((row.evaluation["judge/advice"] for row, _ in weak if row.evaluation.get("judge/advice")), None)
+    return ["", f"Weak judge for job(s) {named}: their accuracy and FD figures mean little."
+                + (f" What would make them meaningful: {advice}." if advice else "")]
+
+
 def markdown_lines(rows: list[JobRow], eval_columns: list[str], plots: list[Path]) -> list[str]:
     common, labels = varying(rows)
     headline = [c for c in HEADLINE_EVAL if c in eval_columns] or eval_columns
@@ -52,6 +69,7 @@ def markdown_lines(rows: list[JobRow], eval_columns: list[str], plots: list[Path
     lines += ["| " + " | ".join(HEADERS.get(c, c) for c in shown) + " |", "|" + "---|" * len(shown)]
     for row, label in zip(rows, labels):
         lines.append("| " + " | ".join(fmt(label if c == "label" else row.value(c)) for c in shown) + " |")
+    lines += _weak_judge_lines(rows, labels)
     failed = [r.columns for r in rows if r.columns["status"] not in ("ok", "unknown")]
     if failed:
         lines += ["", "Failed jobs:", ""] + [f"- job {r['job']} (`{r['name']}`): {r['error']}" for r in failed]

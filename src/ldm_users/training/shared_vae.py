@@ -37,8 +37,9 @@ from ldm_users.layout import vae_final
 log = logging.getLogger(__name__)
 
 META_FILE = "ldm_users_vae.json"
-# vae_train keys that change when or how often something is saved or logged, never the trained weights.
-NOT_IN_KEY = ("sample_interval", "save_interval", "log_interval", "checkpoints_total_limit", "max_bad_steps", "share")
+# vae_train keys that change when or how often something is saved, logged or scored, never the trained weights.
+NOT_IN_KEY = ("sample_interval", "save_interval", "log_interval", "checkpoints_total_limit", "max_bad_steps", "share",
+              "recon_metrics")
 
 
 def vae_key(cfg: DictConfig, dataset, accelerator) -> tuple[str, dict]:

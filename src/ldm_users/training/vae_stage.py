@@ -17,6 +17,7 @@ from PIL import Image
 
 from ldm_users import io, layout
 from ldm_users.data.folder import PreparedDataset
+from ldm_users.evaluation.reconstruction import report_vae_stage
 from ldm_users.grid import make_grid, to_uint8
 from ldm_users.errors import ConfigError
 from ldm_users.inference.loading import load_frozen_vae
@@ -209,6 +210,7 @@ def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelera
         grid = save_recon_grid(vae, dataset, stage_dir / "samples" / "recon-final.png", accelerator.device)
         tracker.log_image("vae/reconstructions", grid, step=steps)
         tracker.set_summary({"vae/scaling_factor": scale})
+        report_vae_stage(cfg, vae, dataset, accelerator.device, tracker)  # PSNR, SSIM, FD of its reconstructions
         log.info("VAE: saved to %s (latent scaling factor %.4f)", final_dir, scale)
     accelerator.wait_for_everyone()
     # Forget this stage's model/optimizer: accelerate would otherwise save them in every LDM checkpoint.
