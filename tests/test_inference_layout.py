@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ldm_users"
-SHIPPED = ("condition.py", "denoiser.py", "flux.py", "pipeline_user_ldm.py")
+# Every module of pipeline/ but its __init__ is shipped in exports (a new family file included).
+SHIPPED = tuple(sorted(p.name for p in (PACKAGE / "pipeline").glob("*.py") if p.name != "__init__.py"))
 
 
 def _module_name(path: Path) -> str:
