@@ -19,7 +19,8 @@ import pytest
 
 from ldm_users import io, run_lock
 from ldm_users.errors import CheckpointError, WriteConflict
-from ldm_users.run_lock import LOCK_FILE, RunDirBusy, acquire, hold_run_dir
+from ldm_users.layout import RUN_LOCK
+from ldm_users.run_lock import RunDirBusy, acquire, hold_run_dir
 from ldm_users.sweep import STATUS_FILE
 from ldm_users.training import checkpoint as ckpt
 from tests.test_reliability import Running, _tiny_accelerator, _train, assert_same_final_state
@@ -27,7 +28,7 @@ from tests.test_reliability import Running, _tiny_accelerator, _train, assert_sa
 
 def _forge(run_dir: Path, host: str, pid: int, heartbeat_age: float = 0.0) -> Path:
     """A lock file as another process would have left it."""
-    path = run_dir / LOCK_FILE
+    path = run_dir / RUN_LOCK
     path.write_text(json.dumps({"host": host, "pid": pid, "program": "ldm-train", "started_at": time.time() - 600,
                                 "token": f"forged-{pid}", "proc_start": None}))
     stamp = time.time() - heartbeat_age
@@ -51,7 +52,7 @@ def test_second_holder_refuses_in_one_line_naming_the_holder(tmp_path):
                  f"kill {os.getpid()} on {run_lock.HOST}", "another hydra.run.dir"):
         assert part in message, message
     lock.release()
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert not (tmp_path / RUN_LOCK).exists()
     acquire(tmp_path, "ldm-train").release()  # free again once released
 
 
@@ -62,7 +63,7 @@ def test_abandoned_locks_are_taken_over_and_logged(tmp_path, caplog, monkeypatch
     lock = acquire(tmp_path, "ldm-train")
     assert f"took over the lock on run dir {tmp_path} from ldm-train pid {dead} on host {run_lock.HOST}" in caplog.text
     assert f"process {dead} no longer runs" in caplog.text
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads((tmp_path / RUN_LOCK).read_text())["pid"] == os.getpid()
     lock.release()
 
     # Another host: only its heartbeat tells. One that advances is a live holder; one that does not for STALE_S
@@ -99,7 +100,7 @@ def test_abandoned_locks_are_taken_over_and_logged(tmp_path, caplog, monkeypatch
 def test_heartbeat_keeps_the_lock_fresh_and_a_taken_over_lock_is_left_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
     lock = acquire(tmp_path, "ldm-train")
-    path = tmp_path / LOCK_FILE
+    path = tmp_path / RUN_LOCK
     old = time.time() - 1000
     os.utime(path, (old, old))
     time.sleep(0.5)
@@ -116,7 +117,7 @@ def test_ranks_of_one_job_share_the_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with hold_run_dir(tmp_path, "ldm-train") as lock:  # rank 1: neither refused nor taking a lock of its own
         assert lock is None
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == f"forged-{os.getpid()}"
+    assert json.loads((tmp_path / RUN_LOCK).read_text())["token"] == f"forged-{os.getpid()}"
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RunDirBusy):
         with hold_run_dir(tmp_path, "ldm-train"):
@@ -150,8 +151,8 @@ def test_second_ldm_train_refuses_and_a_sigkilled_holder_is_taken_over(tmp_path,
     first_dir, killed_dir = tmp_path / "first", tmp_path / "killed"
     short = "vae_train.max_steps=4"  # the VAE stage is not what this test is about
     first, killed = Running(first_dir, session_cache, short), Running(killed_dir, session_cache, short)
-    assert first.wait_for(first_dir / LOCK_FILE), first.finish()[1][-3000:]
-    holder = json.loads((first_dir / LOCK_FILE).read_text())
+    assert first.wait_for(first_dir / RUN_LOCK), first.finish()[1][-3000:]
+    holder = json.loads((first_dir / RUN_LOCK).read_text())
     assert holder["pid"] == first.proc.pid
 
     started = time.monotonic()
@@ -166,12 +167,12 @@ def test_second_ldm_train_refuses_and_a_sigkilled_holder_is_taken_over(tmp_path,
     assert killed.wait_for(killed_dir / "ldm" / "checkpoints" / "checkpoint-0000004"), killed.finish()[1][-3000:]
     killed.proc.send_signal(signal.SIGKILL)
     killed.finish()
-    assert json.loads((killed_dir / LOCK_FILE).read_text())["pid"] == killed.proc.pid  # left behind
+    assert json.loads((killed_dir / RUN_LOCK).read_text())["pid"] == killed.proc.pid  # left behind
 
     code, err = first.finish()
     assert code == 0, err[-3000:]
     assert json.loads((first_dir / STATUS_FILE).read_text())["status"] == "ok"
-    assert not (first_dir / LOCK_FILE).exists()  # released at the end
+    assert not (first_dir / RUN_LOCK).exists()  # released at the end
 
     rerun = _train(killed_dir, session_cache, short)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

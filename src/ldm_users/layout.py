@@ -32,6 +32,7 @@ SNAPSHOT_FILE = "snapshot.json"         # in each snapshot: step, train_seconds,
 SAMPLES = "samples"                     # a stage's grids: <run>/<stage>/samples/
 EVAL_DIR = "eval"
 EVAL_METRICS = "metrics.json"           # ldm-eval's, in its job dir or <run>/eval/
+RUN_LOCK = ".ldm-run.lock"              # held by the one process writing into the run dir (run_lock.py)
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 CHECKPOINTS = "checkpoints"             # <run>/<stage>/checkpoints/checkpoint-<step>
@@ -39,6 +40,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
+DAMAGED_SUFFIX = ".damaged"             # checkpoint-<step>.damaged: set aside by a resume, kept for inspection
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.yaml"             # the run's resolved config, as it stood when the checkpoint was written
 USERS_FILE = "users.json"               # also in exports

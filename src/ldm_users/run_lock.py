@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Iterator
 
 from ldm_users.errors import LdmUsersError
+from ldm_users.layout import RUN_LOCK
 from ldm_users.runtime import is_main_rank, world_size
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".ldm-run.lock"
 HEARTBEAT_S = 5.0
-# Another host's lock counts as abandoned when its heartbeat is this old: many missed beats, with room for clock
-# skew between nodes and for a file server's attribute caching.
+# Another host's lock counts as abandoned once its heartbeat has not advanced for this long (or its timestamp is
+# this old): many missed beats, with room for a busy holder, clock skew and a file server's attribute caching.
 STALE_S = 60.0
 HOST = socket.gethostname()
 
@@ -180,7 +180,7 @@ def acquire(run_dir: str | os.PathLike, program: str) -> RunLock:
     """Take the lock on `run_dir`, taking over an abandoned one; RunDirBusy (one line) while another holds it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = run_dir / RUN_LOCK
     token = uuid.uuid4().hex
     record = {"host": HOST, "pid": os.getpid(), "program": program, "started_at": time.time(), "token": token,
               "proc_start": _proc_start(os.getpid())}

@@ -16,7 +16,7 @@ from ldm_users.data.loading import bind_num_users, prepare_dataset
 from ldm_users.distributed import bind_global_batch, launcher_job
 from ldm_users.errors import ConfigError, exit_on_user_error
 from ldm_users.evaluation.evaluate import evaluate_after_training
-from ldm_users.run_lock import LOCK_FILE, hold_run_dir
+from ldm_users.run_lock import hold_run_dir
 from ldm_users.runtime import output_dir
 from ldm_users.sweep import run_job
 from ldm_users.tracking import make_tracker
@@ -34,7 +34,7 @@ def refuse_to_split_an_old_run(cfg: DictConfig, run_dir: Path) -> None:
     move it instead (once moved, train.resume=auto continues it)."""
     old = old_style_run_dir(run_dir)
     # Only what Hydra and this job just wrote (its config and log, and the run dir's lock).
-    fresh = all(p.name in (layout.HYDRA_DIR, LOCK_FILE) or p.suffix == ".log" for p in run_dir.iterdir())
+    fresh = all(p.name in (layout.HYDRA_DIR, layout.RUN_LOCK) or p.suffix == ".log" for p in run_dir.iterdir())
     if old is not None and fresh and str(cfg.train.resume) == "auto":
         new, old = shlex.quote(str(run_dir)), shlex.quote(str(old))
         raise ConfigError(f"this run is in its old-style dir {old}; run dirs are now named without '=' and ','. "

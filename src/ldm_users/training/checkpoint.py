@@ -27,11 +27,10 @@ from safetensors.torch import save_file
 
 from ldm_users import io
 from ldm_users.errors import CheckpointError, os_error_fix
-from ldm_users.layout import CHECKPOINT_RE, STATE_FILE, WEIGHTS_FILE, checkpoint_name
+from ldm_users.layout import CHECKPOINT_RE, DAMAGED_SUFFIX, STATE_FILE, WEIGHTS_FILE, checkpoint_name
 
 log = logging.getLogger(__name__)
 
-DAMAGED_SUFFIX = ".damaged"
 RESUME_ADVICE = ("The files are truncated, tampered with or from another model; resume from an earlier checkpoint "
                  "with train.resume=PATH or start over with train.resume=never.")
 
