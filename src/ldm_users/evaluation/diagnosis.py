@@ -11,7 +11,9 @@ denoiser's (generated - ceiling). The rule (`bottleneck`):
   - generated <= NEAR_FLOOR x floor: neither stage (the generated images are about as close as real ones);
   - else the autoencoder when its part is at least AUTOENCODER_SHARE of the gap, otherwise the denoiser.
 E.g. floor 7.2, ceiling 39.7, generated 43.5: the autoencoder takes 90% of the gap -> autoencoder; floor 17.5,
-ceiling 23, generated 40: 24% -> denoiser.
+ceiling 23, generated 40: 24% -> denoiser. Floor and ceiling are measured on the same images, so they share the
+upward bias a Fréchet distance of few samples has; the generated figure uses eval.images_per_user per user, which
+is why it can come out below the ceiling (the share is then above 1: still the autoencoder).
 
 The judge is weak when its top-1 on held-out real images has less than JUDGE_MIN_SKILL of the way from chance to
 perfect (skill = (top1 - chance) / (1 - chance)): its error rate is more than half a guesser's. Then accuracy

@@ -27,8 +27,8 @@ from ldm_users.grid import to_uint8
 
 log = logging.getLogger(__name__)
 
-# PSNR of a lossless reconstruction is infinite; capped so it stays a number in JSON and in W&B charts (no 8-bit
-# reconstruction that differs by even one level in one pixel of a 16 px image comes near it).
+# PSNR of a lossless reconstruction is infinite; capped so it stays a number in JSON and in W&B charts. An error of
+# one 8-bit level in every pixel is 48 dB; good autoencoders score 25-35 dB.
 PSNR_CAP_DB = 100.0
 
 
