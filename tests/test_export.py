@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from huggingface_hub import ModelCard
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -69,15 +69,25 @@ def test_export_is_a_diffusers_custom_pipeline_with_a_model_card(exports):
     dit_index = json.loads((exports["dit_tiny"] / "model_index.json").read_text())
     assert dit_index["user_encoder"] == [None, None] and not (exports["dit_tiny"] / "user_encoder").exists()
 
-    card = (unet / "README.md").read_text()
-    header = yaml.safe_load(card.split("---")[1])
-    assert header["library_name"] == "diffusers" and header["pipeline_tag"] == "unconditional-image-generation"
-    assert {"unet", "UNet2DConditionModel", "unet_tiny"} <= set(header["tags"])
-    assert "![one row per user](samples.png)" in card and (unet / "samples.png").exists()
-    assert "`user_03`" in card and "| prediction type | v_prediction |" in card and "## Evaluation" not in card
-    write_model_card(unet, {"user_acc/top1": 0.875, "fd/classifier": 1.5, "sampler": "ddim", "images_per_user": 4})
-    card = (unet / "README.md").read_text()
-    assert "## Evaluation" in card and "| user accuracy (top-1) | 0.875 |" in card
+    card = ModelCard.load(unet / "README.md")  # what the Hub reads
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "unconditional-image-generation"
+    assert card.data.license == "mit" and not card.data.eval_results  # no evaluation yet
+    assert {"unet", "UNet2DConditionModel", "unet_tiny"} <= set(card.data.tags)
+    assert "![one row per user](samples.png)" in card.text and (unet / "samples.png").exists()
+    assert "| 3 | `user_03` |" in card.text and "| prediction type | v_prediction |" in card.text
+    assert "## Evaluation" not in card.text and "W&B run" not in card.text  # trained without W&B
+    write_model_card(unet, {"user_acc/top1": 0.875, "fd/classifier": 1.23456, "sampler": "ddim",
+                            "images_per_user": 4, "per_user/user_03/top1": 0.5})
+    card = ModelCard.load(unet / "README.md")
+    assert "## Evaluation" in card.text and "| user accuracy (top-1) | 0.875 |" in card.text
+    assert "| 3 | `user_03` | 0.5 |" in card.text  # each user's own accuracy
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}  # the Hub's evaluation results
+    assert results == {"user accuracy (top-1)": 0.875, "Fréchet distance (classifier features)": 1.23}
+    (unet.parent / "wandb_run.json").write_text('{"id": "abc123", "url": "https://wandb.ai/me/ldm-users/runs/abc123"}')
+    write_model_card(unet)  # in a run dir tracked by W&B (RUN_ID_FILE): the card links the run
+    link = "| W&B run | [ldm-users/abc123](https://wandb.ai/me/ldm-users/runs/abc123) |"
+    assert link in (unet / "README.md").read_text()
+    (unet.parent / "wandb_run.json").unlink()
 
 
 def test_diffusers_alone_loads_the_export_and_makes_the_same_images(exports, tmp_path):

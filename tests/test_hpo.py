@@ -3,6 +3,7 @@ continues, and the W&B sweep file (parsed and composed, no network)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -17,9 +18,8 @@ from ldm_users import hpo
 from ldm_users.errors import ConfigError
 from tests.helpers import REPO, compose
 
-optuna_installed = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-    reason='pip install "ldm-users[hpo]"')
+optuna_installed = pytest.mark.skipif(__import__("importlib").util.find_spec("optuna") is None,
+                                      reason='pip install "ldm-users[hpo]"')
 
 
 @pytest.fixture
@@ -69,7 +69,8 @@ def test_the_search_config_composes_with_the_experiments_choices():
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = hydra_compose("config", ["hparams_search=ldm_optuna", "experiment=smoke"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.ldm_users_optuna.ResumableOptunaSweeper"
+    assert sweeper._target_ == "hydra_plugins.ldm_users_optuna.LdmOptunaSweeper"
+    assert sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
     assert sweeper.direction == "minimize" and sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert sweeper.params["model"] == "choice(unet_tiny,dit_tiny)"  # the smoke experiment's tiny sizes
     assert sweeper.params["train.lr"].startswith("tag(log, interval(")
@@ -102,7 +103,7 @@ def test_a_study_runs_its_trials_survives_a_failed_one_and_a_rerun_continues_it(
 
     tiny = ["logger=none", "vae_train.max_steps=2", "vae_train.scale_samples=16", "train.max_steps=2",
             "train.log_interval=1", "sampler.num_inference_steps=2", "train.grid_per_user=1"]
-    args = ["hydra/sweeper=optuna", "hparams_search=ldm_optuna", "experiment=smoke", *tiny]
+    args = ["hparams_search=ldm_optuna", "experiment=smoke", *tiny]
     first = _ldm_train([*args, "hydra.sweeper.n_trials=3"], tmp_path, prelude=FAIL_SECOND_TRIAL)
     log = first.stdout + first.stderr
     assert first.returncode == 1, log[-3000:]  # a trial failed: reported at the end, after the study
@@ -134,6 +135,28 @@ def test_a_study_runs_its_trials_survives_a_failed_one_and_a_rerun_continues_it(
     assert third.returncode == 0 and "running 0 more" in third.stdout + third.stderr
     assert len(optuna.load_study(study_name="ldm_optuna-smoke",
                                  storage=f"sqlite:///{search / 'optuna.db'}").trials) == 5
+
+
+@optuna_installed
+@pytest.mark.slow
+def test_a_trial_the_pruner_stops_ends_cleanly_and_is_told_to_the_study_as_pruned(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    # A pruner that stops any trial whose smoothed loss is above 0: the first report, once 5 losses are logged.
+    always = ["hydra.sweeper.pruner=null", "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, upper: 0}"]
+    args = ["hparams_search=ldm_optuna", "experiment=smoke", "logger=none", "vae_train.max_steps=2",
+            "vae_train.scale_samples=16", "train.max_steps=8", "train.log_interval=1", "hydra.sweeper.n_trials=1",
+            *always]
+    out = _ldm_train(args, tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]  # a pruned trial is no failed job
+    assert "pruned by the search at step 5" in log
+    search = Path(os.environ["LDM_USERS_OUTPUT"]) / "hpo" / "ldm_optuna-smoke"
+    (trial,) = optuna.load_study(study_name="ldm_optuna-smoke", storage=f"sqlite:///{search / 'optuna.db'}").trials
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [5]
+    assert not (search / "trial_0" / "export").exists()  # stopped before the end: no export
+    assert json.loads((search / "trial_0" / "status.json").read_text())["status"] == "ok"
 
 
 # ---------------------------------------------------------------- the W&B sweep file

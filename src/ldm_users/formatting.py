@@ -1,4 +1,8 @@
-"""How a number is written in a printed table or message (ldm-report, ldm-bench, ldm-eval): one convention."""
+"""How a number is written for people (tables, messages, log lines, the model card): one convention.
+
+Log lines use `%.3g` (3 significant digits) directly; `fmt` is the table cell, `round_sig` a number kept as a number
+(YAML/JSON written for people, e.g. the model card's model-index).
+"""
 
 from __future__ import annotations
 
@@ -18,3 +22,8 @@ def fmt(value, digits: int = 4, missing: str = "-") -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value).replace("|", "\\|")
+
+
+def round_sig(value: float, digits: int = 3) -> float:
+    """`value` to `digits` significant digits, as a number (1.3045632 -> 1.3; 12345.6 -> 12300.0)."""
+    return float(f"{float(value):.{digits}g}")

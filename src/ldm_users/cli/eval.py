@@ -17,14 +17,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm_users.config import config_dir, run_dir_name
 from ldm_users.errors import exit_on_user_error
-from ldm_users.evaluation.evaluate import evaluate_export, log_to_tracker
+from ldm_users.evaluation.evaluate import evaluate_and_record
 from ldm_users.evaluation.provenance import adopt_trained_settings, trained_identity, trained_run_dir
 from ldm_users.formatting import fmt
-from ldm_users.inference.export import write_model_card
 from ldm_users.inference.loading import adopt_run_sampler, resolve_export
 from ldm_users.run_lock import hold_run_dir
 from ldm_users.runtime import is_multirun, output_dir, override_dirname, task_overrides
 from ldm_users.tracking import make_tracker
+from ldm_users.tracking.task import tracked
 
 log = logging.getLogger("ldm_users.cli.eval")
 
@@ -58,16 +58,10 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     export = resolve_export(cfg.export_path, "export_path")
     adopt_trained_settings(cfg, export, list(overrides or []))
     adopt_run_sampler(cfg, export, list(overrides or []))  # the run's sampler unless the command line sets one
-    tracker = eval_tracker(cfg, export, out_dir)
-    exit_code = 1
-    try:
-        metrics = evaluate_export(cfg, export, out_dir)
-        log_to_tracker(tracker, metrics, prefix="eval/")
-        if trained_run_dir(export) is not None and not is_multirun():  # the run's own export: its card shows the scores
-            write_model_card(export, metrics)
-        exit_code = 0
-    finally:
-        tracker.finish(exit_code)
+    with tracked(eval_tracker(cfg, export, out_dir)) as tracker:
+        # The card of the run's own export shows its scores (not those of one job of a settings sweep).
+        metrics = evaluate_and_record(cfg, export, out_dir, tracker,
+                                      card=trained_run_dir(export) is not None and not is_multirun())
     print(f"ldm-eval: user top-1 {fmt(metrics['user_acc/top1'], 3)} (chance {fmt(metrics['user_acc/chance'], 3)}, "
           f"classifier on held-out real images {fmt(metrics['classifier/holdout_top1'], 3)}), "
           f"FD(classifier) {fmt(metrics['fd/classifier'], 3)} (real held-out {fmt(metrics['fd/classifier_real_holdout'], 3)}), "

@@ -20,6 +20,7 @@ from ldm_users.run_lock import hold_run_dir
 from ldm_users.runtime import output_dir
 from ldm_users.sweep import run_job
 from ldm_users.tracking import make_tracker
+from ldm_users.tracking.task import tracked
 from ldm_users.training.common import make_accelerator
 from ldm_users.training.ldm_stage import train_ldm
 from ldm_users.training.shared_vae import obtain_vae
@@ -62,9 +63,7 @@ def run(cfg: DictConfig) -> dict:
 
     result: dict = {"run_dir": str(run_dir)}
     # One tracker (one W&B run) per job, whatever stages it trains; finished as failed when a stage raises.
-    tracker = make_tracker(cfg, run_dir, "train", accelerator.is_main_process)
-    exit_code = 1
-    try:
+    with tracked(make_tracker(cfg, run_dir, "train", accelerator.is_main_process)) as tracker:
         # Files skipped as unusable (data.strict=false) when the dataset was prepared, counted where runs are compared.
         tracker.set_summary({"data/skipped_files": len(dataset.skipped), "data/images": len(dataset),
                              "data/users": dataset.num_users})
@@ -82,19 +81,22 @@ def run(cfg: DictConfig) -> dict:
                                   f"give vae_path=/path/to/vae (a save_pretrained folder).")
             check_vae_matches(vae_dir, cfg)
             tracker.begin_stage("ldm")
-            export = train_ldm(cfg, run_dir, dataset, vae_dir, accelerator, tracker)
+            try:
+                export = train_ldm(cfg, run_dir, dataset, vae_dir, accelerator, hpo.trial_reporter(cfg, tracker))
+            except hpo.Pruned as pruned:  # the search stopped this trial: a clean end, without export
+                tracker.set_summary({"hpo/pruned_at_step": pruned.step})
+                result["pruned"], export = pruned.step, None
             if export is not None:
                 result["export"] = str(export)
                 if cfg.logger.get("log_artifact", False) and export.exists():
                     tracker.log_artifact(export, name=f"export-{cfg.model.name}", type="model")
                 result["eval"] = evaluate_after_training(cfg, export, run_dir, dataset, tracker,
                                                          accelerator.is_main_process)
-        exit_code = 0
-    finally:
-        tracker.finish(exit_code)
     result["summary"] = dict(tracker.summary)  # after finish: with the figures derived from the whole history
     if accelerator.is_main_process:
-        lines = [f"ldm-train: done. run dir: {run_dir}"]
+        lines = [f"ldm-train: done. run dir: {run_dir}" if "pruned" not in result else
+                 f"ldm-train: pruned by the search at step {result['pruned']} (its loss was behind the other trials'). "
+                 f"run dir: {run_dir}"]
         if "export" in result:
             lines += [f"  sample grid (a row per user): {run_dir / 'ldm' / 'samples' / 'final.png'}",
                       f"  pipeline export: {result['export']}", "  next:",

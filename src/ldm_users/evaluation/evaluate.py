@@ -36,6 +36,7 @@ from ldm_users.evaluation import metrics as M
 from ldm_users.evaluation.classifier import TrainedClassifier, load_or_train, resize_for
 from ldm_users.evaluation.diagnosis import ceiling_metrics, diagnose
 from ldm_users.evaluation.inception import load_inception, weights_key
+from ldm_users.formatting import fmt
 from ldm_users.grid import make_grid, to_uint8
 from ldm_users.inference.device import move_pipeline, resolve_device_dtype
 from ldm_users.inference.export import write_model_card
@@ -82,7 +83,8 @@ def generate_images(pipe, ecfg, sampler_cfg, num_users: int, device, dtype, show
     per_user = int(ecfg.images_per_user)
     generator = torch.Generator(device).manual_seed(int(ecfg.seed))
     images = pipe(users=list(range(num_users)), num_images_per_user=per_user, generator=generator,
-                  batch_size=int(ecfg.batch_size), output_type="pt", show_progress=show_progress,
+                  batch_size=int(ecfg.batch_size), output_type="pt",
+                  show_progress=None if show_progress else False,  # None: the sampling bar in a terminal only
                   **call_kwargs(sampler_cfg)).images
     labels = np.repeat(np.arange(num_users), per_user)
     return to_uint8(images), labels
@@ -316,9 +318,9 @@ def evaluate_export(cfg: DictConfig, model_path, out_dir, dataset: PreparedDatas
     metrics["grid"] = str(save_grid(generated, gen_labels, dataset, ecfg, out_dir / "grid.png"))
     metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
     write_json(out_dir / "metrics.json", metrics)
-    log.info("eval: top-1 %.3f (chance %.3f), FD(classifier) %.3f, diversity ratio %s, memorization ratio %s; %s",
-             metrics["user_acc/top1"], metrics["user_acc/chance"], metrics["fd/classifier"],
-             metrics["diversity/ratio"], metrics["memorization/ratio"], out_dir / "metrics.json")
+    log.info("eval: top-1 %s (chance %s), FD(classifier) %s, diversity ratio %s, memorization ratio %s; %s",
+             *(fmt(metrics[k], 3) for k in ("user_acc/top1", "user_acc/chance", "fd/classifier", "diversity/ratio",
+                                            "memorization/ratio")), out_dir / "metrics.json")
     return metrics
 
 
@@ -348,6 +350,17 @@ def log_to_tracker(tracker, metrics: dict, prefix: str = "") -> None:
         tracker.log_image(f"{prefix}grid", metrics["grid"], caption="per user: generated | real")
 
 
+def evaluate_and_record(cfg: DictConfig, export, out_dir, tracker, dataset: PreparedDataset | None = None,
+                        card: bool = True) -> dict:
+    """The one evaluation sequence of ldm-eval and ldm-train: metrics.json and the grid in `out_dir`, the tracker
+    (under `eval/`), then, with `card`, the export's model card with the figures."""
+    metrics = evaluate_export(cfg, export, out_dir, dataset=dataset)
+    log_to_tracker(tracker, metrics, prefix="eval/")
+    if card:
+        write_model_card(export, metrics)
+    return metrics
+
+
 def evaluate_after_training(cfg: DictConfig, export, run_dir, dataset: PreparedDataset, tracker,
                             is_main_process: bool = True) -> dict | None:
     """ldm-train's hook (eval.enabled=true): evaluate the fresh export into <run_dir>/eval and the run summary.
@@ -362,11 +375,8 @@ def evaluate_after_training(cfg: DictConfig, export, run_dir, dataset: PreparedD
                     export)
         return None
     try:
-        metrics = evaluate_export(cfg, export, Path(run_dir) / "eval", dataset=dataset)
+        return evaluate_and_record(cfg, export, Path(run_dir) / "eval", tracker, dataset=dataset)
     except Exception as err:  # noqa: BLE001 - reported; the finished training run stands
         log.error("evaluation of %s failed: %s. Rerun it with `ldm-eval export_path=%s`.", export, err, run_dir)
         tracker.set_summary({"eval/error": str(err)})
         return None
-    log_to_tracker(tracker, metrics, prefix="eval/")
-    write_model_card(export, metrics)  # the export's card shows what it scored
-    return metrics

@@ -34,6 +34,16 @@ from ldm_users.tracking.summary import derived_summary
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+RUN_ID_FILE = "wandb_run.json"  # the W&B run a run dir is tracked under: {"id": ..., "url": ... once online}
+
+
+def stored_wandb_run(run_dir: Path) -> dict:
+    """The run dir's RUN_ID_FILE ({} when it was never tracked with W&B)."""
+    try:
+        stored = json.loads((Path(run_dir) / RUN_ID_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def jsonable(value):

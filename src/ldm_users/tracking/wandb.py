@@ -8,7 +8,6 @@ the VAE and the LDM both count steps from 1 and W&B drops history rows whose ste
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -22,7 +21,7 @@ import wandb
 from omegaconf import DictConfig
 
 from ldm_users.io import write_json
-from ldm_users.tracking.base import METRICS_FILE, LocalTracker, resolved_config
+from ldm_users.tracking.base import METRICS_FILE, RUN_ID_FILE, LocalTracker, resolved_config, stored_wandb_run
 from ldm_users.tracking.naming import compare_keys, hardware_profile, run_name, run_tags, sweep_group
 
 log = logging.getLogger(__name__)
@@ -64,15 +63,9 @@ def choose_mode(requested: str | None) -> tuple[str, str | None]:
     return "online", None
 
 
-RUN_ID_FILE = "wandb_run.json"
-
-
 def stored_run_id(run_dir: Path) -> str | None:
     """The W&B run id this run dir was tracked under, if any (one run dir = one W&B run)."""
-    try:
-        return json.loads((Path(run_dir) / RUN_ID_FILE).read_text())["id"]
-    except (OSError, ValueError, KeyError):
-        return None
+    return stored_wandb_run(run_dir).get("id")
 
 
 def _claim_run_id(run_dir: Path) -> str:
@@ -105,6 +98,8 @@ class WandbTracker(LocalTracker):
         self._params: dict = {}
         super().__init__(run_dir, job_type, cfg, extra={"wandb_id": run.id, "wandb_mode": mode,
                                                         "wandb_dir": str(Path(run.dir).parent)})
+        if getattr(run, "url", None) and stored_wandb_run(run_dir).get("id") == run.id:  # for the model card
+            write_json(Path(run_dir) / RUN_ID_FILE, {"id": run.id, "url": run.url})
 
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path, job_type: str, config: dict | None = None, join: bool = False
