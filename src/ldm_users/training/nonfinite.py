@@ -50,7 +50,7 @@ class BadStepCounter:
         self.in_a_row += 1
         self.total += 1
         if self.in_a_row == 1:
-            log.warning("%s step %d: non-finite loss or gradient (loss %s): optimizer step skipped "
+            log.warning("%s step %d: non-finite loss or gradient (loss %.3g): optimizer step skipped "
                         "(%d skipped so far)", self.stage, step, loss, self.total)
         if self.in_a_row >= self.limit:
             raise NonFiniteLossError(

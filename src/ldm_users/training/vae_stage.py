@@ -211,7 +211,7 @@ def train_vae(cfg: DictConfig, run_dir: Path, dataset: PreparedDataset, accelera
         tracker.log_image("vae/reconstructions", grid, step=steps)
         tracker.set_summary({"vae/scaling_factor": scale})
         report_vae_stage(cfg, vae, dataset, accelerator.device, tracker)  # PSNR, SSIM, FD of its reconstructions
-        log.info("VAE: saved to %s (latent scaling factor %.4f)", final_dir, scale)
+        log.info("VAE: saved to %s (latent scaling factor %.3g)", final_dir, scale)
     accelerator.wait_for_everyone()
     # Forget this stage's model/optimizer: accelerate would otherwise save them in every LDM checkpoint.
     accelerator.free_memory()
