@@ -124,6 +124,43 @@ def test_ranks_of_one_job_share_the_lock(tmp_path, monkeypatch):
             pass
 
 
+def _rank(rank: int, run_dir: str, port: int, out: str) -> None:
+    """One rank of a two-process gloo job (a submitit job's tasks have their process group before the lock)."""
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        with hold_run_dir(run_dir, "ldm-train"):
+            outcome = "held"
+    except RunDirBusy as err:
+        outcome = f"refused: {err}"
+    if rank == 0:
+        (Path(run_dir) / RUN_LOCK).unlink()  # the other job ended
+    dist.barrier()
+    with hold_run_dir(run_dir, "ldm-train") as lock:
+        outcome += f" | then held, own lock file: {lock is not None}"
+    Path(out, f"rank{rank}").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_ranks_of_a_job_with_a_process_group_follow_the_main_rank(tmp_path):
+    """Refused together (no rank left waiting in a collective), then holding the lock together."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _forge(tmp_path, run_lock.HOST, os.getpid())  # another job's main process
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_rank, args=(str(tmp_path), port, str(tmp_path)), nprocs=2)
+    outcomes = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
+    for rank, outcome in enumerate(outcomes):
+        assert outcome.startswith(f"refused: run dir {tmp_path} is in use by ldm-train pid {os.getpid()}"), outcome
+        assert outcome.endswith(f"then held, own lock file: {rank == 0}"), outcome
+
+
 def test_a_file_vanishing_mid_write_is_reported_as_another_writer_not_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(WriteConflict, match="gone.*another process is writing there too"):
         with io.atomic_path(tmp_path / "status.json") as tmp:
