@@ -63,19 +63,22 @@ def test_modes_resolve_safely(caplog):
         resolve_mode("fastest", cpu)
 
 
-def test_training_mode_never_uses_graphs(monkeypatch):
-    pipe = tiny_pipeline()
-    use_fast_sampling(pipe, "compile")
+def test_training_mode_never_uses_graphs():
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_pipeline("dit_tiny")
+    # A real torch.compile; aot_eager traces as inductor does without building kernels (tests/test_fast_paths.py
+    # runs inductor itself).
+    use_fast_sampling(pipe, "compile", compile_backend="aot_eager")
     assert isinstance(pipe.predictor, FastGuidance)
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
     kwargs = {"users": [0], "num_inference_steps": 2, "output_type": "pt", "show_progress": False}
+    before = counters["stats"]["unique_graphs"]
     pipe.denoiser.backbone.train()
     pipe(**kwargs)
-    assert compiled == []  # dropout in train mode: the plain call
+    assert counters["stats"]["unique_graphs"] == before  # dropout in train mode: the plain call
     pipe.denoiser.backbone.eval()
     pipe(**kwargs)
-    assert len(compiled) == 1
+    assert counters["stats"]["unique_graphs"] > before
     use_fast_sampling(pipe, "off")
     assert pipe.predictor is None
 

@@ -95,14 +95,15 @@ class GraphedGuidance:
 class CompiledDenoiser:
     """torch.compile of the denoiser (slow first call; pays off for long batched runs)."""
 
-    def __init__(self):
+    def __init__(self, backend: str = "inductor"):
+        self.backend = backend
         self.compiled = None
         self.source = None
 
     def __call__(self, denoiser, model_input, timesteps, ids, guidance_scale: float, guidance_rescale: float = 0.0):
         if self.source is not denoiser.backbone:
             self.source = denoiser.backbone
-            self.compiled = torch.compile(denoiser)
+            self.compiled = torch.compile(denoiser, backend=self.backend)
         return guided(self.compiled, model_input, timesteps, ids, guidance_scale, guidance_rescale)
 
 
@@ -111,8 +112,9 @@ class FastGuidance:
     the plain guided call where it resolves to off, or while the denoiser is in train mode (dropout must not be
     frozen into a graph)."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, compile_backend: str = "inductor"):
         self.mode = check_mode(mode)  # an unknown mode fails here, not at the first step
+        self.compile_backend = compile_backend
         self.resolved: dict = {}  # device type -> mode (warn once, not at every step)
         self.replays: dict = {}  # mode -> GraphedGuidance | CompiledDenoiser
 
@@ -124,10 +126,11 @@ class FastGuidance:
         if mode == "off" or denoiser.backbone.training:
             return guided(denoiser, model_input, timesteps, ids, guidance_scale, guidance_rescale)
         if mode not in self.replays:
-            self.replays[mode] = GraphedGuidance() if mode == "cuda_graph" else CompiledDenoiser()
+            self.replays[mode] = GraphedGuidance() if mode == "cuda_graph" else CompiledDenoiser(self.compile_backend)
         return self.replays[mode](denoiser, model_input, timesteps, ids, guidance_scale, guidance_rescale)
 
 
-def use_fast_sampling(pipe, mode: str | None) -> None:
-    """Route the pipeline's denoiser calls through `mode` (sampler.fast); off restores the plain call."""
-    pipe.set_predictor(None if check_mode(mode) == "off" else FastGuidance(mode))
+def use_fast_sampling(pipe, mode: str | None, compile_backend: str = "inductor") -> None:
+    """Route the pipeline's denoiser calls through `mode` (sampler.fast); off restores the plain call.
+    compile_backend: torch.compile's backend for mode=compile."""
+    pipe.set_predictor(None if check_mode(mode) == "off" else FastGuidance(mode, compile_backend))

@@ -138,10 +138,10 @@ def describe(cfg, device) -> tuple[str, str, str]:
     compared = f"both loops train on the same {batch} images per optimizer step (batch {batch}, no accumulation)"
     ref = (f"VAE encode every step, {'fp16 autocast + GradScaler' if device.type == 'cuda' else 'fp32'}, "
            f"default AdamW, eager; sampling eager")
-    precision = hw.mixed_precision if device.type == "cuda" else "fp32 (no GPU)"
-    ours = (f"cached latents, {precision}, {'fused' if hw.fused_adam and device.type == 'cuda' else 'default'} AdamW, "
+    precision = {"no": "fp32", None: "accelerate's precision"}.get(hw.mixed_precision, hw.mixed_precision)
+    ours = (f"cached latents, {precision}, {'fused' if hw.fused_adam else 'default'} AdamW, "
             f"{'channels_last, ' if hw.channels_last else ''}"
-            f"{'torch.compile, ' if hw.compile and device.type == 'cuda' else 'eager, '}"
+            f"{'torch.compile, ' if hw.compile else 'eager, '}"
             f"{'gradient checkpointing, ' if hw.gradient_checkpointing else ''}"
             f"EMA {'on' if cfg.train.ema.enabled else 'off'}; "
             f"sampling fast={resolve_mode(str(cfg.bench.sample.fast), device)}")
@@ -149,7 +149,7 @@ def describe(cfg, device) -> tuple[str, str, str]:
 
 
 def run_speed(cfg: DictConfig, device: torch.device) -> dict:
-    compile_model = bool(cfg.hardware.get("compile")) and device.type == "cuda"
+    compile_model = bool(cfg.hardware.get("compile"))
     train = {"reference": time_training(lambda: reference_trainer(cfg, device), cfg, device)}
     release(device)
     if compile_model and cfg.bench.compare_eager:

@@ -17,24 +17,62 @@ from ldm_users.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+# What a profile may ask for that a CPU cannot do at all. Everything else (bf16 and fp16 autocast, the fp16 loss
+# scaler, torch.compile, fused AdamW, channels_last, gradient checkpointing) runs on the CPU as on a GPU, so the
+# tests exercise each path before a GPU user meets it.
+GPU_ONLY = {"allow_tf32": "TF32 matmuls"}
+
+
+def mixed_precision(hw: DictConfig) -> str | None:
+    """hardware.mixed_precision, or None to leave it to accelerate (`accelerate launch --mixed_precision`,
+    `accelerate config`: both reach the process as ACCELERATE_MIXED_PRECISION). A profile that sets a precision
+    accelerate's environment contradicts is an error: one of them would be silently ignored."""
+    wanted = hw.get("mixed_precision")
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if wanted is None:
+        return None
+    wanted = str(wanted).lower()
+    if env is not None and env.lower() != wanted:
+        raise ConfigError(f"hardware.mixed_precision={wanted} (hardware={hw.name}) but accelerate is set to {env} "
+                          "(ACCELERATE_MIXED_PRECISION, from `accelerate launch --mixed_precision` or `accelerate "
+                          f"config`): set hardware.mixed_precision=null to let accelerate decide, or launch with "
+                          f"--mixed_precision {wanted}.")
+    return wanted
+
+
+def effective_precision(hw: DictConfig) -> str:
+    """The precision a run with this profile trains in: the profile's, else accelerate's (fp32 without either)."""
+    return mixed_precision(hw) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     hw = cfg.hardware
-    precision = str(hw.mixed_precision)
-    if precision != "no" and not torch.cuda.is_available():
-        log.info("hardware=%s asks for %s but there is no GPU: training in fp32 on the CPU.", hw.name, precision)
-        precision = "no"
-    if torch.cuda.is_available() and hw.get("allow_tf32"):
+    gpu = torch.cuda.is_available()
+    off = [f"{key} ({what})" for key, what in GPU_ONLY.items() if hw.get(key)] if not gpu else []
+    if off:
+        log.info("hardware=%s on the CPU: %s need a GPU and are off; everything else in the profile runs.",
+                 hw.name, ", ".join(off))
+    if gpu and hw.get("allow_tf32"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if hw.get("num_threads"):
+        torch.set_num_threads(int(hw.num_threads))
     # Under torchrun without a GPU, accelerate only goes multi-process (gloo) when told it is on the CPU; otherwise
     # every process would train alone and all of them would write the same run dir.
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(mixed_precision=precision, cpu=launched > 1 and not torch.cuda.is_available(),
+    accelerator = Accelerator(mixed_precision=mixed_precision(hw), cpu=launched > 1 and not gpu,
                               gradient_accumulation_steps=int(hw.gradient_accumulation_steps))
     if launched > 1 and accelerator.num_processes != launched:
         raise ConfigError(f"launched as {launched} processes (WORLD_SIZE) but accelerate sees "
                           f"{accelerator.num_processes}: they would overwrite each other's checkpoints. Launch with "
                           "`accelerate launch` or `torchrun` and check `accelerate env`.")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        # accelerate autocasts to fp16 and scales the loss only on accelerators; on the CPU "fp16" would silently
+        # train in fp32. torch has both for the CPU, so the fp16 path (autocast + GradScaler: an overflow skips the
+        # step and backs off the scale; the scale is saved in checkpoints) runs here as on a P100. Set before
+        # `prepare`, which wraps the model's forward and the optimizer with them.
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
     return accelerator
 
 
@@ -101,7 +139,7 @@ def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
 
 
 def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.999), fused: bool = False):
-    fused = bool(fused) and torch.cuda.is_available()
+    # Fused AdamW (one kernel for all parameters) exists for CUDA and, since torch 2.4, CPU tensors.
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                              **({"fused": True} if fused else {}))
 

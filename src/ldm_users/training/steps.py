@@ -198,7 +198,7 @@ class LdmTrainStep(TrainStep):
                  ema=None, forward=None):
         super().__init__(accelerator, model, optimizer, lr_scheduler, order, settings, ema)
         self.cache, self.objective = cache, objective
-        self.forward = forward or model
+        self.forward = model if forward is None else forward  # `or` would call len() on a compiled module
 
     def inputs(self, step: int, micro: int):
         """(noisy latents, timesteps, user ids, target, loss weights) for one micro-batch."""

@@ -3,7 +3,7 @@ ldm-diagnose's memory measurement all build it here, so what is timed and measur
 
 From the config: the denoiser (initial weights seeded by `seed`), gradient checkpointing and channels_last
 (hardware profile), AdamW and the LR schedule (`train.*`), accelerate's `prepare`, the EMA (`train.ema`), the
-noise schedule and training objective, torch.compile (hardware.compile, CUDA only) and the step itself.
+noise schedule and training objective, torch.compile (hardware.compile, on any device) and the step itself.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def build_ldm_trainer(cfg: DictConfig, accelerator, users: list[str], cache: Lat
                       num_steps: int, compile_model: bool | None = None) -> LdmTrainer:
     """The denoiser, optimizer, LR schedule, EMA and step for `num_steps` optimizer steps over `cache`.
 
-    compile_model: None follows hardware.compile (on CUDA only); ldm-bench passes False to time eager too.
+    compile_model: None follows hardware.compile; ldm-bench passes False to time eager too.
     """
     tcfg, hw = cfg.train, cfg.hardware
     device = accelerator.device
@@ -74,8 +74,8 @@ def build_ldm_trainer(cfg: DictConfig, accelerator, users: list[str], cache: Lat
     ema = make_ema(tcfg.ema, unwrapped, device)
     noise_scheduler = make_noise_scheduler(cfg, device)
     if compile_model is None:
-        compile_model = bool(hw.get("compile")) and device.type == "cuda"
-    forward = torch.compile(model) if compile_model else model
+        compile_model = bool(hw.get("compile"))
+    forward = torch.compile(model, backend=str(hw.get("compile_backend") or "inductor")) if compile_model else model
     order = DataOrder(cache.num_images, int(cfg.seed), variants=cache.variants)
     settings = step_settings(cfg, unwrapped.null_id, latent_scale, channels_last)
     step = LdmTrainStep(accelerator, model, optimizer, lr_scheduler, order, settings, cache,
