@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_users.runtime import hydra_config, is_multirun
+from ldm_users.runtime import hydra_config, is_multirun, override_dirname
 
 
 def config_dir() -> str:
@@ -85,11 +85,13 @@ def _objective(target: str) -> str | None:
 def register_resolvers() -> None:
     """${ldm_latent_size:<resolution>,<down blocks>}: the VAE latents' size; ${ldm_input_channels:<backbone
     _target_>,<latent channels>}: what the backbone's family takes per input position (Flux: a packed patch);
-    ${ldm_objective:<backbone _target_>}: the family's default objective; ${ldm_run_name:...}: run_dir_name."""
+    ${ldm_objective:<backbone _target_>}: the family's default objective; ${ldm_run_name:...}: run_dir_name;
+    ${ldm_job_name:}: the run dir name of this job's overrides ("default" outside a Hydra job)."""
     resolvers = {"ldm_latent_size": _latent_size,
                  "ldm_input_channels": lambda target, channels: _family(target).input_channels(int(channels)),
                  "ldm_objective": _objective,
-                 "ldm_run_name": run_dir_name}
+                 "ldm_run_name": run_dir_name,
+                 "ldm_job_name": lambda: run_dir_name(override_dirname())}
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
