@@ -15,13 +15,13 @@ from ldm_users.config import config_dir, old_style_run_dir
 from ldm_users.data.loading import bind_num_users, prepare_dataset
 from ldm_users.distributed import bind_global_batch, launcher_job
 from ldm_users.errors import ConfigError, exit_on_user_error
-from ldm_users.evaluation.evaluate import evaluate_after_training
 from ldm_users.run_lock import hold_run_dir
 from ldm_users.runtime import output_dir
 from ldm_users.sweep import run_job
 from ldm_users.tracking import make_tracker
 from ldm_users.tracking.task import tracked
 from ldm_users.training.common import make_accelerator
+from ldm_users.training.final_eval import evaluate_after_training
 from ldm_users.training.ldm_stage import train_ldm
 from ldm_users.training.shared_vae import obtain_vae
 from ldm_users.training.vae_stage import check_vae_matches, train_vae

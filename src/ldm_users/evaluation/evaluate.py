@@ -359,24 +359,3 @@ def evaluate_and_record(cfg: DictConfig, export, out_dir, tracker, dataset: Prep
     if card:
         write_model_card(export, metrics)
     return metrics
-
-
-def evaluate_after_training(cfg: DictConfig, export, run_dir, dataset: PreparedDataset, tracker,
-                            is_main_process: bool = True) -> dict | None:
-    """ldm-train's hook (eval.enabled=true): evaluate the fresh export into <run_dir>/eval and the run summary.
-
-    A failing evaluation is reported (log and summary `eval/error`) but does not turn a finished training
-    run into a failed one: the export is there, and `ldm-eval export_path=<run_dir>` can be rerun.
-    """
-    if cfg.get("eval") is None or not cfg.eval.get("enabled", False) or not is_main_process:
-        return None
-    if not (Path(export) / "model_index.json").exists():
-        log.warning("eval.enabled=true but there is no export at %s (export.enabled=false?): evaluation skipped.",
-                    export)
-        return None
-    try:
-        return evaluate_and_record(cfg, export, Path(run_dir) / "eval", tracker, dataset=dataset)
-    except Exception as err:  # noqa: BLE001 - reported; the finished training run stands
-        log.error("evaluation of %s failed: %s. Rerun it with `ldm-eval export_path=%s`.", export, err, run_dir)
-        tracker.set_summary({"eval/error": str(err)})
-        return None
