@@ -32,11 +32,6 @@ def target_family(target: str) -> Family:
                               f"(e.g. model=unet_medium).") from None
 
 
-def model_kind(cfg: DictConfig) -> str:
-    """"unet" | "dit" | "flux": the name of the config's backbone family."""
-    return model_family(cfg).name
-
-
 def latent_shape(cfg: DictConfig) -> tuple[int, int, int]:
     """(channels, height, width) of the VAE latents the denoiser works on, whatever the backbone's input layout
     (Flux's input is these latents packed into 2x2 patches)."""

@@ -9,11 +9,11 @@ are copied into every export, where diffusers imports them for
 """
 
 from .condition import UserConditionEncoder
-from .denoiser import UserDenoiser, kind_of
+from .denoiser import UserDenoiser
 from .families import FAMILIES, Family, family_of, is_flow_matching, latent_size
 
 __all__ = ["FAMILIES", "Family", "UserConditionEncoder", "UserDenoiser", "UserLDMPipeline", "family_of", "guided",
-           "is_flow_matching", "kind_of", "latent_size"]
+           "is_flow_matching", "latent_size"]
 
 
 def __getattr__(name):

@@ -10,14 +10,7 @@ import torch
 from torch import nn
 
 from .condition import UserConditionEncoder
-from .families import FAMILIES, Family, family_of
-
-KINDS = {name: family.name for name, family in FAMILIES.items()}  # backbone class name -> family name
-
-
-def kind_of(backbone_or_class_name) -> str:
-    """The family name ("unet" | "dit" | "flux") of a backbone module, its class, or a class name."""
-    return family_of(backbone_or_class_name).name
+from .families import Family, family_of
 
 
 class UserDenoiser(nn.Module):
@@ -33,10 +26,6 @@ class UserDenoiser(nn.Module):
         self.backbone = backbone
         self.condition = condition
         family.prepare(backbone)
-
-    @property
-    def kind(self) -> str:
-        return self.family.name
 
     @property
     def null_id(self) -> int:
