@@ -40,8 +40,9 @@ def _isolated_env(session_cache, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, session_cache):
-    """One finished two-stage smoke run (VAE + tiny UNet + export), shared by tests that only read it."""
+    """One finished two-stage smoke run (VAE + tiny UNet + export), shared by tests that only read it. With the VAE's
+    reconstruction metrics: their judge is the one the ldm-eval tests train on this data anyway."""
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    with hydra_job(run_dir, "experiment=smoke", "logger=none") as cfg:
+    with hydra_job(run_dir, "experiment=smoke", "logger=none", "vae_train.recon_metrics=true") as cfg:
         result = run(cfg)
     return {"run_dir": run_dir, "export": Path(result["export"]), "cfg": cfg, "result": result}

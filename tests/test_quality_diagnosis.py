@@ -20,8 +20,8 @@ from ldm_users.evaluation.classifier import load_or_train
 from ldm_users.evaluation.diagnosis import JUDGE_ADVICE, bottleneck, judge_verdict
 from ldm_users.evaluation.evaluate import evaluate_export
 from ldm_users.formatting import fmt
-from ldm_users.evaluation.reconstruction import PSNR_CAP_DB, psnr, reconstruction_metrics, ssim
-from ldm_users.tracking import METRICS_FILE, read_metrics
+from ldm_users.evaluation.reconstruction import PSNR_CAP_DB, psnr, reconstruction_metrics, report_vae_stage, ssim
+from ldm_users.tracking import METRICS_FILE, LocalTracker, read_metrics
 from tests.helpers import compose
 
 FAST = ["eval.images_per_user=2", "sampler.num_inference_steps=4", "eval.device=cpu"]
@@ -105,6 +105,23 @@ def test_a_lossless_autoencoder_scores_the_real_floor(judge):
     floor = M.frechet_distance_features(clf.real_features[held], clf.real_features)
     assert scores["fd_classifier"] == pytest.approx(floor, rel=1e-6)
     assert scores["top1"] == clf.meta["holdout_top1"]
+
+
+@pytest.mark.slow  # trains the (cached) judge
+def test_the_vae_stage_report_line_summary_and_switch(judge, tmp_path, caplog):
+    dataset, clf = judge
+    cfg = compose("experiment=smoke", "logger=none", "vae_train.recon_metrics=true")
+    tracker = LocalTracker(tmp_path, "vae")
+    with caplog.at_level(logging.INFO, logger="ldm_users"):
+        summary = report_vae_stage(cfg, IdentityAutoencoder(), dataset, torch.device("cpu"), tracker)
+    assert tracker.summary == summary and summary["vae/recon_seen_in_training"] is True
+    assert summary["vae/recon_psnr"] == PSNR_CAP_DB and summary["vae/recon_ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert summary["vae/recon_fd_classifier"] == pytest.approx(summary["vae/recon_fd_real_floor"], rel=1e-6)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("VAE reconstructions"))
+    floor = summary["vae/recon_fd_real_floor"]
+    assert "seen in training" in line and "PSNR 100 dB, SSIM 1," in line and f"FD {floor:.3g} " in line
+    off = compose("experiment=smoke", "logger=none")  # the preset leaves it off (vae_train.recon_metrics=false)
+    assert report_vae_stage(off, IdentityAutoencoder(), dataset, torch.device("cpu"), tracker) == {}
 
 
 @pytest.mark.slow  # the shared tiny trained run

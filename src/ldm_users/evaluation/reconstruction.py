@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from ldm_users.data.folder import PreparedDataset, to_model_range
 from ldm_users.evaluation import metrics as M
-from ldm_users.evaluation.classifier import load_or_train
+from ldm_users.evaluation.classifier import holdout_split, load_or_train
 from ldm_users.grid import to_uint8
 
 log = logging.getLogger(__name__)
@@ -112,18 +112,19 @@ def report_vae_stage(cfg, vae, dataset: PreparedDataset, device, tracker) -> dic
     if not cfg.vae_train.get("recon_metrics", True) or cfg.get("eval") is None or dataset.num_users < 2:
         return {}
     try:
-        clf = load_or_train(dataset, OmegaConf.to_container(cfg.eval.classifier, resolve=True), cfg.paths.cache_dir,
-                            device, show_progress=False)
+        ccfg = OmegaConf.to_container(cfg.eval.classifier, resolve=True)
+        _, held = holdout_split(dataset.labels.numpy(), float(ccfg["holdout_fraction"]), int(ccfg["seed"]))
+        if len(held) < 2:  # known before the judge is trained for nothing
+            log.warning("VAE reconstructions: not scored (the judge would hold out %d image(s); it needs users "
+                        "with 2 or more images).", len(held))
+            return {}
+        clf = load_or_train(dataset, ccfg, cfg.paths.cache_dir, device, show_progress=False)
         scores = reconstruction_metrics(vae, clf, dataset, device)
     except Exception as err:  # noqa: BLE001 - reported; the trained VAE stands
         log.error("VAE reconstructions: not scored (%s). Fix eval.classifier.* or set vae_train.recon_metrics=false.",
                   err)
         return {}
-    if not scores:
-        log.warning("VAE reconstructions: not scored (the judge holds out fewer than 2 images; "
-                    "eval.classifier.holdout_fraction or more images per user).")
-        return {}
-    held = np.asarray(clf.meta["holdout_indices"], dtype=np.int64)
+    held = np.asarray(clf.meta["holdout_indices"], dtype=np.int64)  # the same split, as the judge recorded it
     floor = M.frechet_distance_features(clf.real_features[held], clf.real_features)
     summary = {f"vae/recon_{k}": v for k, v in scores.items()}
     summary.update({"vae/recon_fd_real_floor": floor, "vae/recon_seen_in_training": True})
