@@ -184,10 +184,15 @@ def test_the_report_carries_the_ceiling_the_bottleneck_and_the_weak_judge(tmp_pa
 
     job("0_photos", True, 23.0)
     job("1_handwriting", False, 23.5)
+    tracker = LocalTracker(tmp_path / "0_photos", "all")  # the VAE stage's own figures, from its run summary
+    tracker.set_summary({"vae/recon_psnr": 24.51, "vae/recon_ssim": 0.8, "vae/recon_fd_classifier": 22.9})
+    tracker.finish(0)
     result = make_report([tmp_path])
     lines = result["markdown"].read_text().splitlines()
     header = next(line for line in lines if line.startswith("| job"))
     assert "| fd/classifier | ceiling FD (VAE) | real FD (floor) | bottleneck | judge reliable |" in header
+    assert "| VAE recon PSNR (dB) | VAE recon FD |" in header
+    assert any(line.startswith("| 0 |") and "| 24.51 | 22.9 |" in line for line in lines)
     assert any(line.startswith("| 0 |") and "| 23 | 17.5 | denoiser | yes |" in line for line in lines)
     assert any(line.startswith("| 1 |") and "| 23.5 | 17.5 | denoiser | no |" in line for line in lines)
     weak = [line for line in lines if line.startswith("Weak judge")]
@@ -197,3 +202,4 @@ def test_the_report_carries_the_ceiling_the_bottleneck_and_the_weak_judge(tmp_pa
         rows = list(csv.DictReader(f))
     assert [r["ceiling/fd_classifier"] for r in rows] == ["23.0", "23.5"]
     assert [r["judge/reliable"] for r in rows] == ["True", "False"]
+    assert [r["vae_recon_ssim"] for r in rows] == ["0.8", ""]

@@ -30,7 +30,8 @@ EVAL_SETTINGS = ("guidance_scale",)
 EVAL_VERDICTS = ("bottleneck/stage", "judge/reliable", "judge/advice")
 # Columns every report has (CSV names); evaluation metrics follow them.
 BASE_COLUMNS = ["job", "name", "status", "model", "hardware", "params_denoiser", "params_user_encoder", "params_vae",
-                "steps", "final_loss", "images_per_sec", "peak_memory_gib"]
+                "steps", "final_loss", "images_per_sec", "peak_memory_gib", "vae_recon_psnr", "vae_recon_ssim",
+                "vae_recon_fd"]
 
 
 @dataclass
@@ -189,6 +190,10 @@ def load_job(job_dir: Path) -> JobRow:
         "final_loss": _first_number(summary.get("ldm/loss_smoothed"), last.get("ldm/loss")),
         "images_per_sec": _first_number(summary.get("ldm/images_per_sec_median"), last.get("ldm/images_per_sec")),
         "peak_memory_gib": _first_number(summary.get("ldm/peak_memory_gib"), tracked.peak_logged),
+        # The VAE stage's reconstructions (evaluation/reconstruction.py): its FD is the autoencoder's ceiling.
+        "vae_recon_psnr": number(summary.get("vae/recon_psnr")),
+        "vae_recon_ssim": number(summary.get("vae/recon_ssim")),
+        "vae_recon_fd": number(summary.get("vae/recon_fd_classifier")),
         "error": status.get("error"), "job_dir": str(job_dir),
     }, overrides=overrides, curves={stage: sorted(points.items()) for stage, points in tracked.curves.items()})
     evaluated = _evaluation(job_dir, config)

@@ -15,11 +15,12 @@ HEADLINE_EVAL = ["user_acc/top1", "user_acc/chance", "fd/inception", "fd/classif
                  "fd/classifier_real_holdout", "bottleneck/stage", "judge/reliable", "kid/classifier",
                  "diversity/ratio", "memorization/ratio"]
 SHOWN_COLUMNS = ["job", "label", "status", "model", "hardware", "params_denoiser", "steps", "final_loss",
-                 "images_per_sec", "peak_memory_gib"]
+                 "images_per_sec", "peak_memory_gib", "vae_recon_psnr", "vae_recon_fd"]
 HEADERS = {"label": "overrides", "params_denoiser": "denoiser params", "final_loss": "final loss",
            "images_per_sec": "images/s", "peak_memory_gib": "peak GPU mem (GiB)",
            "ceiling/fd_classifier": "ceiling FD (VAE)", "fd/classifier_real_holdout": "real FD (floor)",
-           "bottleneck/stage": "bottleneck", "judge/reliable": "judge reliable"}
+           "bottleneck/stage": "bottleneck", "judge/reliable": "judge reliable",
+           "vae_recon_psnr": "VAE recon PSNR (dB)", "vae_recon_fd": "VAE recon FD"}
 
 
 def varying(rows: list[JobRow]) -> tuple[list[str], list[str]]:
