@@ -3,10 +3,11 @@
 Each variant is ldm-train's own LDM trainer (training/trainer.py) with one hardware setting changed from the
 composed profile with fp32 eager defaults (`bench.fast_paths.variants`: name -> hardware overrides, plus one that
 is not a hardware key: `sdpa=<SDPBackend name>` runs its steps inside torch's sdpa_kernel). All variants are built first and then timed in `repeats` interleaved rounds of `steps` optimizer steps
-each (after one untimed step), so a load that comes and goes on a shared machine hits every variant alike; each
-round's steps/s is divided by the same round's fp32 eager figure, and the table gives the median ratio with its
-spread over the rounds (a wide spread means the machine was busy). A variant's first step (torch.compile compiles
-there) is reported, not timed. A variant that fails is a row with its error.
+each (after one untimed step), each variant right after an fp32 eager timing, so a load that comes and goes on a
+shared machine hits both sides of a ratio alike; the table gives each variant's median ratio with its spread over
+the rounds (a wide spread means the machine was busy; fp32 eager's own row compares consecutive baseline
+timings). A variant's first step (torch.compile compiles there) is reported, not timed. A variant that fails is a
+row with its error.
 """
 
 from __future__ import annotations
@@ -99,25 +100,29 @@ def run_fast_paths(cfg: DictConfig, device: torch.device) -> dict:
     t_start = time.perf_counter()
     for v in variants:
         build(v, cfg, 0)
-    steps, step = int(fcfg.steps), 1
+    steps, position = int(fcfg.steps), [1]
+
+    def rate(v: Variant) -> float:
+        with v.active():
+            v.trainer.step(position[0])  # untimed: back in cache after the other variants
+            t0 = time.perf_counter()
+            for i in range(steps):
+                v.trainer.step(position[0] + 1 + i)
+            position[0] += steps + 1
+            return steps / (time.perf_counter() - t0)
+
+    base = next(v for v in variants if v.name == BASELINE)
     for _ in range(int(fcfg.repeats)):
-        round_rate = {}
+        # Each variant right after its own fp32 eager timing: the ratio compares two adjacent measurements, so a
+        # load that changes during the round cancels (the baseline's row compares it with the previous one).
         for v in variants:
-            if v.error:
+            if v.error or v is base:
                 continue
-            with v.active():
-                v.trainer.step(step)  # untimed: back in cache after the other variants
-                t0 = time.perf_counter()
-                for i in range(steps):
-                    v.trainer.step(step + 1 + i)
-                round_rate[v.name] = steps / (time.perf_counter() - t0)
-            step += steps + 1
-        base = round_rate.get(BASELINE)
-        for v in variants:
-            if v.name in round_rate:
-                v.steps_per_s.append(round_rate[v.name])
-                if base:
-                    v.ratios.append(round_rate[v.name] / base)
+            reference, v_rate = rate(base), rate(v)
+            base.steps_per_s.append(reference)
+            v.steps_per_s.append(v_rate)
+            v.ratios.append(v_rate / reference)
+    base.ratios = [b / a for a, b in zip(base.steps_per_s, base.steps_per_s[1:])] or [1.0]
     rows = []
     for v in variants:
         row = {"variant": v.name, "overrides": v.overrides, "error": v.error, "first_step_s": v.first_step_s}
@@ -138,7 +143,7 @@ def fast_paths_markdown(result: dict) -> str:
     lines = [f"### ldm-bench bench.mode=fast_paths: model={result['model']}, batch {result['batch']}, "
              f"{result['resolution']} px, from hardware={result['hardware']}",
              "",
-             f"Training steps/s of each fast path / fp32 eager's, median over {result['repeats']} interleaved rounds "
+             f"Training steps/s of each fast path / fp32 eager's timed just before it, median over {result['repeats']} rounds "
              f"of {result['steps']} steps (min-max over the rounds in brackets); {result['threads']} torch threads unless "
              f"num_threads says otherwise; "
              f"load average {result['load_avg_before']:.1f} before, {result['load_avg_after']:.1f} after "
