@@ -199,7 +199,7 @@ def tensor_file_damage(path: str | os.PathLike) -> str | None:
             head = f.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             if length < 0 or length > size - 8:
-                return f"{path.name} is truncated or not safetensors ({size:,} bytes, no complete header)"
+                return f"{path.name} is truncated or not safetensors: {size:,} bytes, no complete header"
             header = json.loads(f.read(length))
         end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     except FileNotFoundError:
@@ -210,9 +210,9 @@ def tensor_file_damage(path: str | os.PathLike) -> str | None:
         return f"{path.name} is not safetensors (unreadable header)"
     expected = 8 + length + end
     if size < expected:
-        return f"{path.name} is truncated ({size:,} of {expected:,} bytes)"
+        return f"{path.name} is truncated: {size:,} of {expected:,} bytes"
     if size > expected:
-        return f"{path.name} is damaged ({size:,} bytes where its header says {expected:,})"
+        return f"{path.name} is damaged: {size:,} bytes where its header says {expected:,}"
     return None
 
 
