@@ -104,7 +104,9 @@ class TrainStep:
                         self.lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             total += loss.detach() / self.accum
-        skipped = not finite or (self.fp16_scaler and accelerator.optimizer_step_was_skipped)
+        # This optimizer's own flag: accelerate's optimizer_step_was_skipped is true if any prepared optimizer's last
+        # step was skipped (the VAE stage's discriminator has its own).
+        skipped = not finite or (self.fp16_scaler and optimizer.step_was_skipped)
         if self.ema is not None and not skipped:
             self.ema.step(self.ema_params)
         return StepResult(loss=total, last_loss=loss.detach(), grad_norm=grad_norm, skipped=skipped, extras=extras)
