@@ -71,9 +71,9 @@ _eager: dict = {}
 
 
 def eager_losses(model: str) -> list[float]:
-    """fp32 eager, the reference every path is compared with (once per model)."""
+    """fp32 eager with the default (foreach) AdamW, the reference every path is compared with (once per model)."""
     if model not in _eager:
-        _eager[model] = train(config(model))[0]
+        _eager[model] = train(config(model, "hardware.fused_adam=false"))[0]
     return _eager[model]
 
 
