@@ -21,13 +21,14 @@ declare -A recipes=(
   [disc_small]="vae_train.disc.weight=0.1 vae_train.disc.start=STARTH vae_train.disc.channels=32 vae_train.disc.augment_shift=0.125"
   [fft]="vae_train.fft_weight=0.5"
   [ssim]="vae_train.ssim_weight=0.2"
+  [fft_ssim]="vae_train.fft_weight=0.5 vae_train.ssim_weight=0.2"
   [ema]="vae_train.ema.enabled=true vae_train.ema.decay=0.99"
   [lc8]="vae.autoencoder.latent_channels=8"
   [lc16]="vae.autoencoder.latent_channels=16"
   [wide]="vae.autoencoder.block_out_channels=[64,64,128]"
   [f2]="vae.autoencoder.down_block_types=[DownEncoderBlock2D,DownEncoderBlock2D] vae.autoencoder.up_block_types=[UpDecoderBlock2D,UpDecoderBlock2D] vae.autoencoder.block_out_channels=[32,64]"
 )
-order=(base long2x disc disc_aug disc_small fft ssim ema lc8 lc16 wide f2)
+order=(base long2x disc disc_aug disc_small fft ssim fft_ssim ema lc8 lc16 wide f2)
 [ $# -gt 0 ] && order=("$@")
 out=${OUT:-experiments/results/vae_recipes.txt}
 mkdir -p "$(dirname "$out")"
