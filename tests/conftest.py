@@ -41,8 +41,10 @@ def _isolated_env(session_cache, tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, session_cache):
     """One finished two-stage smoke run (VAE + tiny UNet + export), shared by tests that only read it. With the VAE's
-    reconstruction metrics: their judge is the one the ldm-eval tests train on this data anyway."""
+    reconstruction metrics: their judge is the one the ldm-eval tests train on this data anyway. Its own VAE
+    (vae_train.share=false): a job that reuses a VAE another test's job trained does not score it again."""
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    with hydra_job(run_dir, "experiment=smoke", "logger=none", "vae_train.recon_metrics=true") as cfg:
+    overrides = ("experiment=smoke", "logger=none", "vae_train.recon_metrics=true", "vae_train.share=false")
+    with hydra_job(run_dir, *overrides) as cfg:
         result = run(cfg)
     return {"run_dir": run_dir, "export": Path(result["export"]), "cfg": cfg, "result": result}
