@@ -20,11 +20,16 @@ install: $(BIN)/ldm-train
 demo: install
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/ldm-train experiment=demo $(ARGS)
 
+# A pytest-xdist worker per core, at most 4 (tests/conftest.py gives each worker one torch thread); work-stealing
+# keeps both cores busy until the last long test ends. TEST_WORKERS=0 runs the tests one after the other.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
+
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 bench: install
 	$(BIN)/ldm-bench $(ARGS)

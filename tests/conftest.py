@@ -11,6 +11,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs a worker per core) each worker and the processes its tests start use one
+# thread: two workers of two threads each on two cores make OpenMP's waiting threads spin against each other, which
+# is slower than one test after the other. Set before torch is imported, and inherited by the tests' subprocesses
+# (tests comparing an in-process run with a fresh process need the same count in both).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -43,7 +43,7 @@ def test_recipe_overrides_come_after_base_and_cannot_move_the_budget(tmp_path):
 
 @pytest.mark.slow
 def test_time_to_quality_table_and_plot_and_a_failing_recipe(tmp_path):
-    recipes = {"broken": ["train.no_such_key=1"], "current": [], "fast_lr": ["train.lr=3e-3"]}
+    recipes = {"broken": ["train.no_such_key=1"], "fast_lr": ["train.lr=3e-3"]}
     cfg = ttq_cfg(tmp_path, name="toy", base=["experiment=smoke"], budget_s=2, eval_at_s=[1, 2],
                   eval=["eval.images_per_user=2", "eval.classifier.steps=20"], recipes=recipes)
     result = run(cfg, tmp_path / "run")

@@ -15,7 +15,6 @@ from ldm_users.perf.memory_model import (
     GIB,
     Settings,
     assess,
-    find_fix,
     measure_step,
     parameter_counts,
     static_bytes,
@@ -120,9 +119,9 @@ def test_unet_sd_on_gpu_8gb_does_not_fit_and_says_why():
     # weights + grads + AdamW + EMA = 20 B/param = 16.0 GiB before any activation.
     assert report.verdict["fits"] is False and report.verdict["need_gib"] > 20 * p / GIB
     assert report.fix == [] and "does not fit" in report.fix_note and "smaller model" in report.fix_note
-    # Even the floor (fp32 weights + grads) exceeds 8 GiB once the VAE and reserve are added.
-    fix, note = find_fix(cfg, counts, Settings.from_cfg(cfg), "fake", 0.75, 0.05)
-    assert fix == [] and "7.4 GiB" in note
+    # Even the floor (fp32 weights + grads) exceeds 8 GiB once the VAE and reserve are added (assess's note is
+    # find_fix's, which tried every candidate).
+    assert "the fp32 weights + gradients alone need 7.4 GiB" in report.fix_note
 
 
 @pytest.mark.slow

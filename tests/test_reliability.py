@@ -74,9 +74,10 @@ def _train(run_dir: Path, cache: Path, *overrides: str, fault: str | None = None
 class Running:
     """A training subprocess whose stderr is collected as it comes (to kill it at a chosen moment)."""
 
-    def __init__(self, run_dir: Path, cache: Path, *overrides: str):
-        self.proc = subprocess.Popen(_command(run_dir, *overrides), env=_env(cache), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+    def __init__(self, run_dir: Path, cache: Path, *overrides: str, fault: str | None = None):
+        env = _env(cache, **({"LDM_TEST_FAULT": fault} if fault else {}))
+        self.proc = subprocess.Popen(_command(run_dir, *overrides, child=bool(fault)), env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.err: list[bytes] = []
         fd = self.proc.stderr.fileno()  # raw reads: tqdm ends its lines with \r, not \n
         self._reader = threading.Thread(target=lambda: self.err.extend(iter(lambda: os.read(fd, 65536), b"")),
