@@ -25,8 +25,24 @@ def test_a_log_file_gets_a_slow_bar_and_a_terminal_the_default(monkeypatch):
     bar.close()
     assert log.getvalue().count("\r") <= 3  # the first draw and the final one, not one per update
 
-    monkeypatch.setattr(P.sys, "stderr", Stream(True))
+    # The training loop's loss/lr/speed after the bar (every train.log_interval steps) waits for the bar's timed
+    # update in a log file, and shows at once in a terminal.
+    log = Stream(False)
+    monkeypatch.setattr(P.sys, "stderr", log)
+    bar = P.progress(range(1000), file=log, desc="ldm")
+    for step in bar:
+        if step % 10 == 0:
+            P.show_postfix(bar, loss=f"{1 / (step + 1):.4f}")
+    bar.close()
+    assert log.getvalue().count("\r") <= 3 and "loss=" in log.getvalue()
+
+    terminal = Stream(True)
+    monkeypatch.setattr(P.sys, "stderr", terminal)
     assert P.bar_options() == {}
+    bar = P.progress(range(3), file=terminal, desc="ldm")
+    P.show_postfix(bar, loss="0.5000")
+    assert "loss=0.5000" in terminal.getvalue()
+    bar.close()
 
 
 def test_in_a_terminal_a_log_line_never_lands_inside_a_bar(monkeypatch):

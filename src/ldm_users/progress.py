@@ -58,6 +58,12 @@ def route_logs_around_bars() -> None:
             root.handlers[i] = aware
 
 
+def show_postfix(bar: tqdm, **values) -> None:
+    """Put `values` (loss, lr, ...) after the bar. In a terminal it redraws now; in a log file the bar's next timed
+    update shows them (a redraw per training log line would bring back a bar line every few seconds)."""
+    bar.set_postfix(values, refresh=interactive())
+
+
 def progress(iterable=None, **kwargs) -> tqdm:
     """tqdm(iterable, **kwargs) with the update interval chosen for the output (explicit kwargs win)."""
     route_logs_around_bars()

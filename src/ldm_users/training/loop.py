@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
-from ldm_users.progress import progress
+from ldm_users.progress import progress, show_postfix
 from ldm_users.training import checkpoint as ckpt
 from ldm_users.training.clock import TrainingClock, snapshot_name
 from ldm_users.training.common import DataOrder
@@ -242,7 +242,7 @@ class StageRunner:
         if self.device.type == "cuda":
             values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         values.update({k: float(v) for k, v in self.stage.hooks.metrics(result).items()})
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        show_postfix(bar, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
         self.tracker.log({f"{self.stage.name}/{k}": v for k, v in values.items()}, step=done)
         self.last_loss, self.last_rate = mean_loss, rate
         self._reset_window()
