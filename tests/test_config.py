@@ -170,6 +170,11 @@ def test_the_small_data_presets():
     assert (gpu.data.resolution, gpu.hardware.name, gpu.model.name, gpu.vae.name) == (128, "p100_16gb", "unet_light",
                                                                                       "kl_128")
     assert gpu.hardware.batch_size * gpu.hardware.gradient_accumulation_steps == 16 and gpu.data.random_flip
+    # Both train the autoencoder with the measured free terms (experiments/README.md, "Autoencoder recipe"); the
+    # discriminator only where the steps are (the GPU preset).
+    for preset in (cpu, gpu):
+        assert (preset.vae_train.fft_weight, preset.vae_train.ssim_weight) == (0.5, 0.2)
+    assert cpu.vae_train.disc.weight == 0 and gpu.vae_train.disc.weight > 0 and gpu.vae_train.disc.start > 0
 
 
 def test_learning_rate_follows_the_model_size_unless_fixed():
