@@ -73,6 +73,14 @@ def test_model_flux_trains_by_flow_matching_and_samples_with_flow_euler():
     assert compose("model=flux", "sampler=ddim").sampler.name == "ddim"  # the command line still wins
 
 
+def test_an_older_flux_runs_saved_config_still_resolves():
+    """Flux runs saved before ldm_input_channels name ${ldm_packed_channels:...} in their .hydra/config.yaml."""
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.create({"latent_channels": 4, "in_channels": "${ldm_packed_channels:${latent_channels}}"})
+    assert old.in_channels == compose("model=flux").model.denoiser.in_channels == 16
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.denoiser.axes_dims_rope=[4,4,4]", "axes_dims_rope"),
     ("model.denoiser.in_channels=4", "model.denoiser.in_channels=16"),

@@ -82,6 +82,9 @@ def _objective(target: str) -> str | None:
         return None
 
 
+FLUX_TARGET = "diffusers.FluxTransformer2DModel"
+
+
 def register_resolvers() -> None:
     """${ldm_latent_size:<resolution>,<down blocks>}: the VAE latents' size; ${ldm_input_channels:<backbone
     _target_>,<latent channels>}: what the backbone's family takes per input position (Flux: a packed patch);
@@ -91,7 +94,9 @@ def register_resolvers() -> None:
                  "ldm_input_channels": lambda target, channels: _family(target).input_channels(int(channels)),
                  "ldm_objective": _objective,
                  "ldm_run_name": run_dir_name,
-                 "ldm_job_name": lambda: run_dir_name(override_dirname())}
+                 "ldm_job_name": lambda: run_dir_name(override_dirname()),
+                 # What older Flux runs' saved .hydra/config.yaml name (before ldm_input_channels): still resolves.
+                 "ldm_packed_channels": lambda channels: _family(FLUX_TARGET).input_channels(int(channels))}
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
