@@ -13,12 +13,14 @@ case "$data" in
                  vae_train.warmup_steps=20) ;;
   *) echo "unknown data set $data: use demo or fonts64" >&2; exit 2 ;;
 esac
+disc="vae_train.disc.channels=32"                  # the discriminator's width in every disc recipe
+shifted="vae_train.disc.augment_shift=0.125"          # its inputs shifted (DiffAugment's translation)
 declare -A recipes=(
   [base]=""
   [long2x]="vae_train.max_steps=DOUBLE"
-  [disc]="vae_train.disc.weight=0.5 vae_train.disc.start=STARTQ vae_train.disc.channels=32"
-  [disc_aug]="vae_train.disc.weight=0.5 vae_train.disc.start=STARTQ vae_train.disc.channels=32 vae_train.disc.augment_shift=0.125"
-  [disc_small]="vae_train.disc.weight=0.1 vae_train.disc.start=STARTH vae_train.disc.channels=32 vae_train.disc.augment_shift=0.125"
+  [disc]="$disc vae_train.disc.weight=0.5 vae_train.disc.start=STARTQ"
+  [disc_aug]="$disc vae_train.disc.weight=0.5 vae_train.disc.start=STARTQ $shifted"
+  [disc_small]="$disc vae_train.disc.weight=0.1 vae_train.disc.start=STARTH $shifted"
   [fft]="vae_train.fft_weight=0.5"
   [ssim]="vae_train.ssim_weight=0.2"
   [fft_ssim]="vae_train.fft_weight=0.5 vae_train.ssim_weight=0.2"

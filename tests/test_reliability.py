@@ -63,21 +63,25 @@ def _command(run_dir: Path, *overrides: str, child: bool = False) -> list[str]:
     return [sys.executable, *entry, *run_args(f"hydra.run.dir={run_dir}", *overrides)]
 
 
-def _train(run_dir: Path, cache: Path, *overrides: str, fault: str | None = None, **env) -> subprocess.CompletedProcess:
+def _launch(run_dir: Path, cache: Path, *overrides: str, fault: str | None = None, **env) -> tuple[list[str], dict]:
+    """(command, environment) of a training run; with a fault or any LDM_TEST_ setting, through the fault child."""
     if fault:
         env["LDM_TEST_FAULT"] = fault
-    child = bool(fault) or any(k.startswith("LDM_TEST_") for k in env)
-    return subprocess.run(_command(run_dir, *overrides, child=child), env=_env(cache, **env), capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    child = any(k.startswith("LDM_TEST_") for k in env)
+    return _command(run_dir, *overrides, child=child), _env(cache, **env)
+
+
+def _train(run_dir: Path, cache: Path, *overrides: str, fault: str | None = None, **env) -> subprocess.CompletedProcess:
+    command, environment = _launch(run_dir, cache, *overrides, fault=fault, **env)
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 class Running:
     """A training subprocess whose stderr is collected as it comes (to kill it at a chosen moment)."""
 
     def __init__(self, run_dir: Path, cache: Path, *overrides: str, fault: str | None = None):
-        env = _env(cache, **({"LDM_TEST_FAULT": fault} if fault else {}))
-        self.proc = subprocess.Popen(_command(run_dir, *overrides, child=bool(fault)), env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        command, env = _launch(run_dir, cache, *overrides, fault=fault)
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.err: list[bytes] = []
         fd = self.proc.stderr.fileno()  # raw reads: tqdm ends its lines with \r, not \n
         self._reader = threading.Thread(target=lambda: self.err.extend(iter(lambda: os.read(fd, 65536), b"")),

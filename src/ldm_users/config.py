@@ -82,7 +82,12 @@ def _objective(target: str) -> str | None:
         return None
 
 
-FLUX_TARGET = "diffusers.FluxTransformer2DModel"
+def _flux_input_channels(latent_channels) -> int:
+    """What older Flux runs' saved .hydra/config.yaml name as ${ldm_packed_channels:...} (before
+    ldm_input_channels): the Flux family's input channels."""
+    from ldm_users.pipeline.families import FluxFamily
+
+    return FluxFamily().input_channels(int(latent_channels))
 
 
 def register_resolvers() -> None:
@@ -95,8 +100,7 @@ def register_resolvers() -> None:
                  "ldm_objective": _objective,
                  "ldm_run_name": run_dir_name,
                  "ldm_job_name": lambda: run_dir_name(override_dirname()),
-                 # What older Flux runs' saved .hydra/config.yaml name (before ldm_input_channels): still resolves.
-                 "ldm_packed_channels": lambda channels: _family(FLUX_TARGET).input_channels(int(channels))}
+                 "ldm_packed_channels": _flux_input_channels}
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
