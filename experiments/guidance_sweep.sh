@@ -5,6 +5,6 @@ set -euo pipefail
 EXPORT=${1:?usage: guidance_sweep.sh RUN_DIR_OR_EXPORT [ldm-eval overrides]}
 shift
 SWEEP_DIR=${SWEEP_DIR:-outputs/multirun/guidance_sweep_$(date +%Y-%m-%d_%H-%M-%S)}
-ldm-eval -m export_path="$EXPORT" sampler.guidance_scale=1,1.5,2,3,5,7.5 hydra.sweep.dir="$SWEEP_DIR" "$@" || status=$?
+ldm-eval -m export_path="$EXPORT" sampler.guidance_scale=1,1.25,1.5,2,3,5,7.5 hydra.sweep.dir="$SWEEP_DIR" "$@" || status=$?
 ldm-report "$SWEEP_DIR"   # accuracy and FD per scale (report.md) and eval.png
 exit "${status:-0}"

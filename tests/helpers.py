@@ -1,5 +1,5 @@
-"""What the tests share besides fixtures (those are in conftest.py): composing configs, and running code the way a
-Hydra app's job runs it, through Hydra's own API."""
+"""What the tests share besides fixtures (those are in conftest.py): composing configs, running code the way a
+Hydra app's job runs it, through Hydra's own API, and counting what torch.compile builds."""
 
 from __future__ import annotations
 
@@ -39,3 +39,23 @@ def hydra_job(run_dir: str | Path | None, *overrides: str, config_name: str = "c
         yield job
     finally:
         HydraConfig.instance().cfg = saved  # as Hydra's own run_job restores it after a job
+
+
+class CompiledGraphs:
+    """How many graphs torch.compile has built since this counter was made. It resets dynamo first: a graph an
+    earlier test compiled would otherwise be reused, not built, and a missed (re)compilation would go uncounted."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch._dynamo.reset()
+        self._start = self._built()
+
+    @staticmethod
+    def _built() -> int:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
+
+    def __call__(self) -> int:
+        return self._built() - self._start

@@ -175,6 +175,10 @@ def test_the_small_data_presets():
     for preset in (cpu, gpu):
         assert (preset.vae_train.fft_weight, preset.vae_train.ssim_weight) == (0.5, 0.2)
     assert cpu.vae_train.disc.weight == 0 and gpu.vae_train.disc.weight > 0 and gpu.vae_train.disc.start > 0
+    # Few images per user: the measured guidance, below the samplers' default, and a command line still wins.
+    assert cpu.sampler.guidance_scale == gpu.sampler.guidance_scale == 1.25 < compose().sampler.guidance_scale
+    assert compose("experiment=small_data_cpu", "sampler=ddim").sampler.guidance_scale == 1.25
+    assert compose("experiment=small_data_cpu", "sampler.guidance_scale=2").sampler.guidance_scale == 2
 
 
 def test_learning_rate_follows_the_model_size_unless_fixed():

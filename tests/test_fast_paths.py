@@ -20,7 +20,6 @@ import logging
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm_users.errors import ConfigError
@@ -34,7 +33,7 @@ from ldm_users.training import checkpoint as ckpt
 from ldm_users.training.common import make_accelerator
 from ldm_users.training.ema import load_ema, save_ema
 from ldm_users.training.trainer import build_ldm_trainer, reset_accelerator_state
-from tests.helpers import compose
+from tests.helpers import CompiledGraphs, compose
 
 MODELS = ["unet_tiny", "dit_tiny", "flux_tiny"]
 STEPS = 24
@@ -124,20 +123,15 @@ def test_bf16_autocast_follows_fp32(model):
     assert 0 < mean_gap < BF16_TOL  # > 0: bf16 really ran
 
 
-def compiled_graphs() -> int:
-    return counters["stats"]["unique_graphs"]
-
-
 def train_compiled(trainer, steps: int) -> tuple[list[float], int, int]:
     """(losses, graphs compiled in the first 2 steps, graphs compiled after them); after the first 2 steps a
     recompilation is an error."""
-    torch._dynamo.reset()  # an identical graph compiled by an earlier test would be reused, not counted
-    before = compiled_graphs()
+    graphs = CompiledGraphs()
     losses = [float(trainer.step(i).loss) for i in range(2)]
-    first = compiled_graphs() - before
+    first = graphs()
     with torch._dynamo.config.patch(error_on_recompile=True):
         losses += [float(trainer.step(i).loss) for i in range(2, steps)]
-    return losses, first, compiled_graphs() - before - first
+    return losses, first, graphs() - first
 
 
 # The fp32 fast paths together: compile (aot_eager), fused AdamW, channels_last (UNet), gradient checkpointing.
@@ -195,13 +189,12 @@ def test_export_of_a_fast_path_run_loads_and_samples_and_compiled_sampling_match
     torch.testing.assert_close(images, eager, rtol=1e-5, atol=1e-5)
     # Sampling through torch.compile (sampler.fast=compile): the same images, compiled once.
     use_fast_sampling(loaded, "compile", compile_backend="aot_eager")
-    torch._dynamo.reset()
-    before = compiled_graphs()
+    graphs = CompiledGraphs()
     fast = loaded(generator=torch.Generator().manual_seed(1), **SAMPLE).images
-    first = compiled_graphs() - before
+    first = graphs()
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = loaded(generator=torch.Generator().manual_seed(1), **SAMPLE).images
-    assert first >= 1 and compiled_graphs() - before == first
+    assert first >= 1 and graphs() == first
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, fast, rtol=0, atol=0)
     trainer.unwrapped.train()
