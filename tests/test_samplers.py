@@ -151,7 +151,7 @@ def test_guidance_rescale_in_the_pipeline():
 
 
 def test_the_recorded_sampler_is_the_default_and_the_command_line_wins():
-    recorded = compose("sampler=dpmpp_2m", "sampler.num_inference_steps=12").sampler
+    recorded = compose("sampler=dpmpp_2m", "sampler.num_inference_steps=12", "sampler.guidance_scale=1.25").sampler
     cfg = compose()
     assert not adopt_recorded_sampler(cfg, None, [])  # nothing recorded: the config as given
     assert adopt_recorded_sampler(cfg, recorded, ["data.num_users=3"])
@@ -159,6 +159,12 @@ def test_the_recorded_sampler_is_the_default_and_the_command_line_wins():
     cfg = compose("sampler.guidance_scale=5")
     adopt_recorded_sampler(cfg, recorded, ["sampler.guidance_scale=5"])  # one key: the recorded sampler, that key
     assert cfg.sampler.name == "dpmpp_2m" and cfg.sampler.guidance_scale == 5 and cfg.sampler.num_inference_steps == 12
+    assert compose().sampler.guidance_scale != 1.25
     cfg = compose("sampler=euler")
-    assert not adopt_recorded_sampler(cfg, recorded, ["sampler=euler"])  # another sampler: its own settings
-    assert cfg.sampler.name == "euler" and cfg.sampler.num_inference_steps == 50
+    # Another sampler: its own steps and scheduler, the run's guidance (the model's), unless the command line sets it.
+    assert adopt_recorded_sampler(cfg, recorded, ["sampler=euler"])
+    assert cfg.sampler.name == "euler" and cfg.sampler.num_inference_steps == 50 and cfg.sampler.guidance_scale == 1.25
+    assert cfg.sampler.scheduler._target_ != recorded.scheduler._target_
+    cfg = compose("sampler=euler", "sampler.guidance_scale=4")
+    adopt_recorded_sampler(cfg, recorded, ["sampler=euler", "sampler.guidance_scale=4"])
+    assert cfg.sampler.guidance_scale == 4

@@ -82,15 +82,23 @@ def call_kwargs(sampler_cfg: DictConfig) -> dict:
             "eta": float(sampler_cfg.get("eta", 0.0))}
 
 
+# A run's guidance belongs to its model, not to its sampler: how hard the user conditioning is pushed (the few-shot
+# presets measured their own, 1.25). Steps, eta and the scheduler are the sampler's.
+MODEL_GUIDANCE = ("guidance_scale", "guidance_rescale")
+
+
 def adopt_recorded_sampler(cfg: DictConfig, recorded: DictConfig | None, overrides: list[str]) -> bool:
     """cfg.sampler := the sampler the model was trained with, except what the command line sets: `sampler=<name>`
-    picks another sampler with its own settings, `sampler.<key>=...` overrides one key of the recorded one.
-    Returns whether the recorded sampler was adopted."""
+    picks another sampler with its own steps and scheduler but keeps the run's guidance, `sampler.<key>=...`
+    overrides one key of the recorded one. Returns whether any recorded setting was adopted."""
     if recorded is None:
         return False
     keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     if "sampler" in keys:
-        return False
+        carried = [k for k in MODEL_GUIDANCE if k in recorded and f"sampler.{k}" not in keys]
+        for key in carried:
+            OmegaConf.update(cfg, f"sampler.{key}", recorded[key], merge=False)
+        return bool(carried)
     merged = recorded.copy()
     for key in keys:
         if key.startswith("sampler."):
